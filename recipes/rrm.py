@@ -1,0 +1,156 @@
+"""Robust Representation Matching: make a timm student robust by matching a robust teacher's representation.
+
+    accelerate launch recipes/rrm.py --teacher <hub id or folder> --student vit_small_patch16_224 --dataset <hub id>
+
+With no flags: the bundled robust MNIST teacher, the embedded 5,000 MNIST digits and a small ViT student,
+L-inf eps 0.3, a few minutes on a laptop CPU. The output folder is a Hub-ready model repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from rrm_hub import RRM, RRMStudent, flags, load_teacher, make_loader, train
+from rrm_hub.cards import hardware, plot_sweeps, save_json
+from rrm_hub.errors import RRMError, cli
+from rrm_hub.evaluate import robustness_report
+from rrm_hub.features import default_layer, feature_width, list_layers
+
+DEFAULT_STUDENT = "vit_tiny_patch16_224"
+DEFAULT_STUDENT_KWARGS = ["img_size=28", "patch_size=7", "depth=4", "embed_dim=96", "num_heads=3"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("teacher and student")
+    group.add_argument("--teacher", default=None, help="Hub id (org/name) or folder (default: the bundled teacher)")
+    group.add_argument("--teacher-revision", default=None, help="Hub revision of the teacher")
+    group.add_argument("--teacher-layer", default=None, help="module name, or NAME@input for a module's input "
+                       "(default: the input of the teacher's classifier)")
+    group.add_argument("--ignore-teacher-labels", action="store_true",
+                       help="use a teacher trained on other classes for its representation only")
+    group.add_argument("--student", default=None, help=f"timm architecture (default: {DEFAULT_STUDENT} with "
+                       f"{' '.join(DEFAULT_STUDENT_KWARGS)})")
+    group.add_argument("--student-kwargs", nargs="*", default=None, help="key=value for timm.create_model")
+    group.add_argument("--student-layer", default=None, help="module of the student to match (default: its "
+                       "projected penultimate representation)")
+    group.add_argument("--list-layers", action="store_true", help="print the layers of teacher and student "
+                       "with their output shapes, then stop")
+    group = parser.add_argument_group("RRM loss")
+    group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
+    group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
+    group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
+    group.add_argument("--match-on", choices=["clean", "noise"], default="clean",
+                       help="clean: the paper's method; noise: inputs plus uniform noise in the eps-ball")
+    group.add_argument("--noise-eps", type=float, default=None,
+                       help="noise scale for --match-on noise (default: --eps)")
+    return flags.parse(parser, argv, __file__, epochs=30, lr=1e-3)
+
+
+@cli
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = flags.make_accelerator(args)
+    output_dir = Path(args.output_dir or "rrm-student")
+
+    # 1. data: [0, 1] pixels, normalization lives inside each model
+    data = flags.load_data(args)
+    sample = torch.zeros(2, data.channels, *data.image_size)
+
+    # 2. teacher: any robust model, frozen; its representation is tapped with a forward hook
+    teacher = load_teacher(args.teacher, revision=args.teacher_revision).to(accelerator.device)
+    labels_match = teacher.num_classes == data.num_classes
+    if not labels_match and not args.ignore_teacher_labels:
+        raise RRMError(f"the teacher predicts {teacher.num_classes} classes but the dataset has {data.num_classes}; "
+                       "pass --ignore-teacher-labels to use its representation only")
+    teacher_layer = args.teacher_layer or default_layer(teacher.network)
+    feature_dim = feature_width(teacher, teacher.network, teacher_layer, sample.to(accelerator.device))
+    accelerator.print(f"teacher {teacher.source}: layer '{teacher_layer}', width {feature_dim}")
+
+    # 3. student: timm backbone + projection to the teacher's width + classifier on the projection
+    student_name = args.student or DEFAULT_STUDENT
+    kwargs = args.student_kwargs if args.student_kwargs is not None else (
+        DEFAULT_STUDENT_KWARGS if args.student is None else [])
+    student_args = flags.parse_kwargs(kwargs)
+    student = RRMStudent.for_teacher(
+        student_name, feature_dim=feature_dim, num_classes=data.num_classes, model_args=student_args,
+        input_size=(data.channels, *data.image_size), student_layer=args.student_layer,
+        label_names=data.class_names, teacher=teacher.source, teacher_layer=teacher_layer)
+
+    if args.list_layers:
+        print_layers(accelerator, f"teacher {teacher.source}", teacher, teacher.network, sample.to(accelerator.device))
+        print_layers(accelerator, f"student {student_name}", student, student.backbone, sample)
+        return {}
+
+    # 4. train on clean data with the RRM loss, checking clean and PGD-10 accuracy each epoch
+    objective = RRM(teacher, teacher_layer, args.ce_weight, args.feature_weight, args.feature_loss,
+                    args.match_on, args.noise_eps if args.noise_eps is not None else args.eps, args.norm)
+
+    run = train(student, objective, flags.train_loader(data, args), accelerator, flags.train_config(args),
+                flags.epoch_check(data, args, accelerator))
+    student = accelerator.unwrap_model(student).eval()
+    objective.tap.remove()
+
+    # 5. evaluate student and teacher the same way
+    test_loader = make_loader(data, "test", args.batch_size, limit=args.eval_examples)
+    sweep_loader = make_loader(data, "test", args.batch_size, limit=args.sweep_examples)
+    report = dict(eps=args.eps, norm=args.norm, steps=args.eval_steps, restarts=args.eval_restarts,
+                  accelerator=accelerator)
+    result = robustness_report(student, test_loader, sweep_loader, **report)
+    teacher_result = robustness_report(teacher, test_loader, sweep_loader, **report) if labels_match else None
+
+    # 6. save a Hub-ready folder: weights (RRMStudent + plain timm), config, card, metrics, plot
+    metrics = {
+        **result, "method": "rrm", "match_on": args.match_on, "teacher": teacher.source,
+        "teacher_layer": teacher_layer, "student": student_name, "student_args": student_args,
+        "student_layer": args.student_layer or "projected penultimate", "feature_dim": feature_dim,
+        "ce_weight": args.ce_weight, "feature_weight": args.feature_weight, "feature_loss": args.feature_loss,
+        "dataset": data.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
+        "steps": run["steps"], "hardware": hardware(), "num_processes": accelerator.num_processes,
+        "teacher_clean_accuracy": teacher_result["clean_accuracy"] if teacher_result else None,
+        "teacher_robust_accuracy": teacher_result["robust_accuracy"] if teacher_result else None,
+        "teacher_sweep": teacher_result["sweep"] if teacher_result else None,
+        "history": run["history"],
+    }
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "README.md").unlink(missing_ok=True)
+        context = {**flags.card_context(args, output_dir, data), "teacher": teacher.source,
+                   "student": student_name, "match_on": args.match_on}
+        student.save_pretrained(output_dir, model_card_kwargs={"metrics": metrics, "context": context})
+        save_json(metrics, output_dir / "metrics.json")
+        curves = {f"student ({student_name})": result["sweep"]}
+        if teacher_result:
+            curves["teacher"] = teacher_result["sweep"]
+        plot_sweeps(curves, output_dir / "robustness.png", args.norm)
+    print_summary(accelerator, metrics, output_dir)
+
+    # 7. share: the same folder, uploaded as it is
+    if args.push_to_hub and accelerator.is_main_process:
+        accelerator.print(f"pushed: {flags.push(args, output_dir)}")
+    return metrics
+
+
+def print_layers(accelerator, title: str, model, network, sample) -> None:
+    accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer) and output shapes")
+    for name, kind, shape in list_layers(model.eval(), sample, network):
+        accelerator.print(f"  {name:<40} {kind:<24} {tuple(shape)}")
+
+
+def print_summary(accelerator, metrics: dict, output_dir: Path) -> None:
+    rows = [("student", metrics["clean_accuracy"], metrics["robust_accuracy"])]
+    if metrics["teacher_clean_accuracy"] is not None:
+        rows.append(("teacher", metrics["teacher_clean_accuracy"], metrics["teacher_robust_accuracy"]))
+    attacks = list(metrics["robust_accuracy"])
+    accelerator.print(f"\n{metrics['norm']} eps {metrics['eps']:g}, {metrics['num_examples']} test images")
+    accelerator.print(f"{'model':<10}{'clean':>8}" + "".join(f"{a:>10}" for a in attacks))
+    for name, clean, robust in rows:
+        accelerator.print(f"{name:<10}{clean:>8.1%}" + "".join(f"{robust[a]:>10.1%}" for a in attacks))
+    accelerator.print(f"trained in {metrics['train_seconds']:.0f}s; saved to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""rrm-hub: transfer adversarial robustness from any robust model on the Hub into a timm student."""
+
+from .attacks import Attack, fgsm, pgd
+from .data import EMBEDDED_MNIST, ImageData, load_image_data, make_loader
+from .errors import RRMError
+from .evaluate import eps_sweep, evaluate
+from .features import FeatureTap, default_layer, list_layers
+from .models import PixelModel, PixelPreprocess, create_pixel_model
+from .objectives import RRM, AdversarialTraining, Natural
+from .student import RRMStudent
+from .teachers import DEFAULT_TEACHER, load_teacher
+from .train import TrainConfig, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attack", "fgsm", "pgd", "EMBEDDED_MNIST", "ImageData", "load_image_data", "make_loader", "RRMError",
+    "eps_sweep", "evaluate", "FeatureTap", "default_layer", "list_layers", "PixelModel", "PixelPreprocess",
+    "create_pixel_model", "RRM", "AdversarialTraining", "Natural", "RRMStudent", "DEFAULT_TEACHER",
+    "load_teacher", "TrainConfig", "train",
+]

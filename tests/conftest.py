@@ -1,0 +1,59 @@
+"""Shared fixtures: an offline Hugging Face setup, a per-session cache, small models and data."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Offline, with a private rrm-hub cache and an empty Hugging Face home for each test session. Set before
+# anything imports huggingface_hub, which reads these variables once, at import.
+CACHES = Path(tempfile.mkdtemp(prefix="rrm-hub-tests-"))
+atexit.register(shutil.rmtree, CACHES, ignore_errors=True)
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(CACHES / "hf_home"),
+                   "RRM_HUB_CACHE": str(CACHES / "rrm_hub"), "TOKENIZERS_PARALLELISM": "false"})
+os.environ.pop("HF_TOKEN", None)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from rrm_hub import load_image_data
+
+    return load_image_data()
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    from rrm_hub import load_teacher
+
+    return load_teacher()
+
+
+def put_in_hub_cache(folder: Path, repo_id: str, hf_home: Path, revision: str = "0" * 40) -> Path:
+    """Lay `folder` out as `huggingface_hub` caches model `repo_id` (refs/main + snapshots/<revision>)."""
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def run_recipe(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a recipe in a fresh process (offline, our caches), capturing its output."""
+    command = (launcher or [sys.executable]) + args
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_batch(n: int = 8, channels: int = 1, size: int = 28) -> torch.Tensor:
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,64 @@
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from rrm_hub import EMBEDDED_MNIST, RRMError, load_image_data, make_loader
+from rrm_hub.data import cache_dir
+
+
+def test_embedded_mnist_split_is_fixed_and_stratified(mnist):
+    assert mnist.name == EMBEDDED_MNIST
+    assert (len(mnist.train), len(mnist.test)) == (4000, 1000)
+    assert mnist.num_classes == 10 and mnist.image_mode == "L" and mnist.image_size == (28, 28)
+    counts = torch.bincount(torch.tensor(mnist.train["label"]), minlength=10)
+    assert counts.tolist() == [400] * 10
+    assert (cache_dir() / "datasets" / EMBEDDED_MNIST / "dataset_dict.json").exists()
+    again = load_image_data()  # from the cache: the same split
+    assert again.test["label"] == mnist.test["label"]
+
+
+def test_loader_gives_pixels_in_unit_range(mnist):
+    x, y = next(iter(make_loader(mnist, "train", 64, augment=True)))
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1 and x.max() > 0.9
+    assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) <= 9
+    first = next(iter(make_loader(mnist, "test", 5)))[0]
+    assert torch.equal(first, next(iter(make_loader(mnist, "test", 5)))[0])  # eval transform is deterministic
+
+
+def _write_imagefolder(root, classes=("cat", "dog"), n=3, size=12, mode="RGB"):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new(mode, (size, size), color=(40 * c + i) if mode == "L" else (40 * c, i, 0)).save(
+                root / name / f"{i}.png")
+
+
+def test_imagefolder_and_saved_dataset(tmp_path):
+    _write_imagefolder(tmp_path / "folder", n=5)
+    data = load_image_data(str(tmp_path / "folder"), image_size=16)
+    assert data.class_names == ["cat", "dog"] and data.image_mode == "RGB"
+    assert len(data.train) + len(data.test) == 10  # no test split: 20% held out
+    x, _ = next(iter(make_loader(data, "test", 4)))
+    assert x.shape[1:] == (3, 16, 16)
+
+    ds = datasets.Dataset.from_dict({"picture": [Image.new("L", (8, 8))] * 4, "target": [0, 1, 2, 1]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    data = load_image_data(str(tmp_path / "saved"), image_column="picture", label_column="target")
+    assert data.num_classes == 3 and data.image_column == "picture"
+
+
+def test_missing_columns_and_sources_are_one_line_errors(tmp_path):
+    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d", "e"], "label": [0, 1, 0, 1, 0]})
+    ds.save_to_disk(str(tmp_path / "text"))
+    with pytest.raises(RRMError, match="no image column.*--image-column"):
+        load_image_data(str(tmp_path / "text"))
+    with pytest.raises(RRMError, match="no column 'img'"):
+        load_image_data(str(tmp_path / "text"), image_column="img")
+    images = datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8))] * 5})
+    images.save_to_disk(str(tmp_path / "unlabeled"))
+    with pytest.raises(RRMError, match="no label column.*--label-column"):
+        load_image_data(str(tmp_path / "unlabeled"))
+    with pytest.raises(RRMError, match="could not load dataset 'no-such/dataset-xyz'"):
+        load_image_data("no-such/dataset-xyz")

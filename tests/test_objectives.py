@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rrm_hub import RRM, AdversarialTraining, RRMStudent, fgsm, pgd
+from rrm_hub.objectives import feature_loss
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    return RRMStudent.for_teacher("resnet18", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
+                                  model_args={"layers": (1, 1, 1, 1), "channels": (8, 8, 16, 16)})
+
+
+def test_rrm_loss_matches_a_hand_computation(teacher, student):
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    objective = RRM(teacher, ce_weight=0.25, feature_weight=2.0)
+    student.eval()
+    loss, logs = objective(student, x, y)
+
+    with torch.no_grad():
+        hidden = student.backbone(student.preprocess(x))
+        z_s = hidden @ student.proj.weight.T + student.proj.bias
+        logits = z_s @ student.head.weight.T + student.head.bias
+        z_t = teacher.model.forward_head(teacher.model.forward_features(teacher.preprocess(x)), pre_logits=True)
+        ce = -torch.log_softmax(logits, dim=1)[torch.arange(6), y].mean()
+        cos = (z_s * z_t).sum(1) / (z_s.norm(dim=1) * z_t.norm(dim=1))
+        expected = 0.25 * ce + 2.0 * (1 - cos.mean())
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(logs["ce"], ce, atol=1e-5)
+
+
+def test_only_the_student_learns(teacher, student):
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    loss, _ = RRM(teacher)(student, x, y)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.proj.weight.grad is not None and student.backbone.conv1.weight.grad is not None
+    student.zero_grad()
+
+
+def test_feature_losses():
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    assert torch.allclose(feature_loss(a, a), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(feature_loss(a, -a), torch.tensor(2.0), atol=1e-6)
+    assert torch.allclose(feature_loss(a, b, "l2"), F.mse_loss(a, b))
+
+
+def test_noise_matching_feeds_teacher_and_student_the_same_noisy_images(teacher, student):
+    seen = []
+    handle = teacher.preprocess.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    x = torch.full((3, 1, 28, 28), 0.5)
+    RRM(teacher, match_on="noise", noise_eps=0.2)(student, x, torch.arange(3))
+    handle.remove()
+    delta = seen[0] - x
+    assert 0 < delta.abs().max() <= 0.2 + 1e-6
+
+
+def test_adversarial_training_warms_up_epsilon():
+    objective = AdversarialTraining(pgd(0.3, steps=7), eps_warmup=0.5)
+    objective.schedule(0.25)
+    assert abs(objective.current.eps - 0.15) < 1e-9
+    objective.schedule(0.9)
+    assert objective.current.eps == 0.3 and objective.name == "pgd_at"
+    assert AdversarialTraining(fgsm(0.3)).name == "fast_at"

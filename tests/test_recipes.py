@@ -1,0 +1,81 @@
+"""End-to-end runs of the recipes in fresh processes, as a user would start them."""
+
+import json
+import shutil
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from rrm_hub import RRMStudent, load_teacher
+
+from .conftest import ROOT, run_recipe
+
+QUICK = ["--max-steps", "3", "--epoch-eval-examples", "32", "--eval-examples", "64", "--sweep-examples", "32",
+         "--eval-steps", "3"]
+ACCELERATE = [shutil.which("accelerate") or "accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_rrm_recipe_through_accelerate_launch(tmp_path):
+    out = tmp_path / "student"
+    result = run_recipe(["recipes/rrm.py", *QUICK, "--output-dir", str(out)], launcher=ACCELERATE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "student" in result.stdout and "teacher" in result.stdout
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "rrm_head.safetensors", "README.md", "metrics.json",
+            "robustness.png"} <= files
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("clean_accuracy", "robust_accuracy", "eps", "norm", "teacher", "student", "method",
+                "train_seconds", "teacher_clean_accuracy", "teacher_robust_accuracy"):
+        assert key in metrics
+    assert metrics["method"] == "rrm" and metrics["eps"] == 0.3 and metrics["steps"] == 3
+    assert set(metrics["robust_accuracy"]) == {"pgd3"} and 0 <= metrics["robust_accuracy"]["pgd3"] <= 1
+    assert metrics["teacher_robust_accuracy"]["pgd3"] > 0.5  # the bundled teacher is robust
+    student = RRMStudent.from_pretrained(out)
+    assert student(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert "model-index" in (out / "README.md").read_text()
+
+
+def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path):
+    out = tmp_path / "teacher"
+    args = ["recipes/adversarial_train.py", "--model", "resnet18", "--model-kwargs", "layers=(1,1,1,1)",
+            "channels=(8,8,8,8)", "--method", "fast_at", *QUICK, "--output-dir", str(out)]
+    result = run_recipe(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= {p.name for p in out.iterdir()}
+    teacher = load_teacher(str(out))
+    assert teacher.num_classes == 10 and teacher(torch.rand(1, 1, 28, 28)).shape == (1, 10)
+    assert "recipes/adversarial_train.py" in (out / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def three_class_dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "three"
+    images = [Image.new("L", (28, 28), color=i * 20) for i in range(9)]
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2] * 3}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--teacher", "./missing-teacher"], "teacher './missing-teacher' not found"),
+    (["--teacher-layer", "layer9"], "has no layer 'layer9' (near matches: layer"),
+    (["--student", "vit_nonexistent_model"], "timm has no model 'vit_nonexistent_model'"),
+    (["--eps", "-1"], "eps must be >= 0"),
+    (["--dataset", "THREE"], "teacher predicts 10 classes but the dataset has 3"),
+])
+def test_bad_input_gives_one_line_errors(tmp_path, three_class_dataset, args, message):
+    args = [str(three_class_dataset) if a == "THREE" else a for a in args]
+    result = run_recipe(["recipes/rrm.py", *QUICK, "--output-dir", str(tmp_path / "out"), *args], timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_readme_commands_are_the_ones_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[test]"' in readme and 'pip install -e ".[test]"' in ci
+    assert "python -m pytest" in readme and "python -m pytest" in ci
