@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = robustness_report(
         model, make_loader(data, "test", args.batch_size, limit=args.eval_examples),
         make_loader(data, "test", args.batch_size, limit=args.sweep_examples),
-        eps=args.eps, norm=args.norm, steps=args.eval_steps, restarts=args.eval_restarts, accelerator=accelerator)
+        **flags.report(args, accelerator))
     metrics = {**report, "method": args.method, "model": args.model, "model_args": model_args,
                "dataset": data.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
                "steps": run["steps"], "hardware": hardware(), "num_processes": accelerator.num_processes,

@@ -13,40 +13,25 @@ from pathlib import Path
 
 import torch
 
-from rrm_hub import RRM, RRMStudent, flags, load_teacher, make_loader, train
+from rrm_hub import RRM, RRMStudent, flags, make_loader, train
 from rrm_hub.cards import hardware, plot_sweeps, save_json
 from rrm_hub.errors import RRMError, cli
 from rrm_hub.evaluate import robustness_report
 from rrm_hub.features import default_layer, feature_width, list_layers
 
-DEFAULT_STUDENT = "vit_tiny_patch16_224"
-DEFAULT_STUDENT_KWARGS = ["img_size=28", "patch_size=7", "depth=4", "embed_dim=96", "num_heads=3"]
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("teacher and student")
-    group.add_argument("--teacher", default=None, help="Hub id (org/name) or folder (default: the bundled teacher)")
-    group.add_argument("--teacher-revision", default=None, help="Hub revision of the teacher")
+    flags.add_teacher_args(parser)
+    flags.add_student_args(parser)
+    group = parser.add_argument_group("representations")
     group.add_argument("--teacher-layer", default=None, help="module name, or NAME@input for a module's input "
                        "(default: the input of the teacher's classifier)")
     group.add_argument("--ignore-teacher-labels", action="store_true",
                        help="use a teacher trained on other classes for its representation only")
-    group.add_argument("--student", default=None, help=f"timm architecture (default: {DEFAULT_STUDENT} with "
-                       f"{' '.join(DEFAULT_STUDENT_KWARGS)})")
-    group.add_argument("--student-kwargs", nargs="*", default=None, help="key=value for timm.create_model")
-    group.add_argument("--student-layer", default=None, help="module of the student to match (default: its "
-                       "projected penultimate representation)")
     group.add_argument("--list-layers", action="store_true", help="print the layers of teacher and student "
                        "with their output shapes, then stop")
-    group = parser.add_argument_group("RRM loss")
-    group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
-    group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
-    group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
-    group.add_argument("--match-on", choices=["clean", "noise"], default="clean",
-                       help="clean: the paper's method; noise: inputs plus uniform noise in the eps-ball")
-    group.add_argument("--noise-eps", type=float, default=None,
-                       help="noise scale for --match-on noise (default: --eps)")
+    flags.add_rrm_args(parser)
     return flags.parse(parser, argv, __file__, epochs=30, lr=1e-3)
 
 
@@ -61,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     sample = torch.zeros(2, data.channels, *data.image_size)
 
     # 2. teacher: any robust model, frozen; its representation is tapped with a forward hook
-    teacher = load_teacher(args.teacher, revision=args.teacher_revision).to(accelerator.device)
+    teacher = flags.load_teacher_from(args, accelerator.device)
     labels_match = teacher.num_classes == data.num_classes
     if not labels_match and not args.ignore_teacher_labels:
         raise RRMError(f"the teacher predicts {teacher.num_classes} classes but the dataset has {data.num_classes}; "
@@ -71,10 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"teacher {teacher.source}: layer '{teacher_layer}', width {feature_dim}")
 
     # 3. student: timm backbone + projection to the teacher's width + classifier on the projection
-    student_name = args.student or DEFAULT_STUDENT
-    kwargs = args.student_kwargs if args.student_kwargs is not None else (
-        DEFAULT_STUDENT_KWARGS if args.student is None else [])
-    student_args = flags.parse_kwargs(kwargs)
+    student_name, student_args = flags.student_spec(args)
     student = RRMStudent.for_teacher(
         student_name, feature_dim=feature_dim, num_classes=data.num_classes, model_args=student_args,
         input_size=(data.channels, *data.image_size), student_layer=args.student_layer,
@@ -86,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     # 4. train on clean data with the RRM loss, checking clean and PGD-10 accuracy each epoch
-    objective = RRM(teacher, teacher_layer, args.ce_weight, args.feature_weight, args.feature_loss,
-                    args.match_on, args.noise_eps if args.noise_eps is not None else args.eps, args.norm)
+    objective = RRM(teacher, teacher_layer, **flags.rrm_options(args))
 
     run = train(student, objective, flags.train_loader(data, args), accelerator, flags.train_config(args),
                 flags.epoch_check(data, args, accelerator))
@@ -97,10 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. evaluate student and teacher the same way
     test_loader = make_loader(data, "test", args.batch_size, limit=args.eval_examples)
     sweep_loader = make_loader(data, "test", args.batch_size, limit=args.sweep_examples)
-    report = dict(eps=args.eps, norm=args.norm, steps=args.eval_steps, restarts=args.eval_restarts,
-                  accelerator=accelerator)
-    result = robustness_report(student, test_loader, sweep_loader, **report)
-    teacher_result = robustness_report(teacher, test_loader, sweep_loader, **report) if labels_match else None
+    result = robustness_report(student, test_loader, sweep_loader, **flags.report(args, accelerator))
+    teacher_result = (robustness_report(teacher, test_loader, sweep_loader, **flags.report(args, accelerator))
+                      if labels_match else None)
 
     # 6. save a Hub-ready folder: weights (RRMStudent + plain timm), config, card, metrics, plot
     metrics = {

@@ -3,7 +3,15 @@
 from .attacks import Attack, fgsm, pgd
 from .data import EMBEDDED_MNIST, ImageData, load_image_data, make_loader
 from .errors import RRMError
-from .evaluate import eps_sweep, evaluate
+from .evaluate import (
+    GradientMaskingWarning,
+    MaskingChecks,
+    TorchAttack,
+    attack_suite,
+    eps_sweep,
+    evaluate,
+    evaluate_suite,
+)
 from .features import FeatureTap, default_layer, list_layers
 from .models import PixelModel, PixelPreprocess, create_pixel_model
 from .objectives import RRM, AdversarialTraining, Natural
@@ -15,7 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attack", "fgsm", "pgd", "EMBEDDED_MNIST", "ImageData", "load_image_data", "make_loader", "RRMError",
-    "eps_sweep", "evaluate", "FeatureTap", "default_layer", "list_layers", "PixelModel", "PixelPreprocess",
+    "eps_sweep", "evaluate", "evaluate_suite", "attack_suite", "TorchAttack", "MaskingChecks",
+    "GradientMaskingWarning", "FeatureTap", "default_layer", "list_layers", "PixelModel", "PixelPreprocess",
     "create_pixel_model", "RRM", "AdversarialTraining", "Natural", "RRMStudent", "DEFAULT_TEACHER",
     "load_teacher", "TrainConfig", "train",
 ]

@@ -5,6 +5,7 @@ The attack never changes the model's mode or its parameters' gradients; callers 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,8 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """`delta` moved back into the eps-ball of `norm`."""
     if norm == "linf":
         return delta.clamp(-eps, eps)
     return delta * (eps / _flat_norm(delta)).clamp(max=1.0)
@@ -35,7 +37,8 @@ def random_perturbation(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return direction / _flat_norm(direction) * radius * eps
 
 
-def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent step of unit size for `norm`: the sign (L-inf) or the normalized gradient (L2)."""
     return grad.sign() if norm == "linf" else grad / _flat_norm(grad)
 
 
@@ -75,7 +78,7 @@ class Attack:
         x = x.detach()
         best, fooled = None, None
         for _ in range(self.restarts):
-            x_adv = self._run(model, x, y)
+            x_adv = self.maximize(lambda x_adv: F.cross_entropy(model(x_adv), y), x)
             if self.restarts == 1:
                 return x_adv
             with torch.no_grad():
@@ -90,16 +93,17 @@ class Attack:
                 break
         return best
 
-    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def maximize(self, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """One run (no restarts) of projected gradient ascent on any `loss_of(x_adv)` inside the eps-ball."""
+        x = x.detach()
         delta = random_perturbation(x, self.eps, self.norm) if self.random_start else torch.zeros_like(x)
         delta = ((x + delta).clamp(0, 1) - x).detach()
         for _ in range(self.steps):
             delta.requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(x + delta), y)
-                (grad,) = torch.autograd.grad(loss, delta)
-            delta = delta.detach() + self.alpha * _ascent_direction(grad, self.norm)
-            delta = ((x + _project(delta, self.eps, self.norm)).clamp(0, 1) - x).detach()
+                (grad,) = torch.autograd.grad(loss_of(x + delta), delta)
+            delta = delta.detach() + self.alpha * ascent_direction(grad, self.norm)
+            delta = ((x + project(delta, self.eps, self.norm)).clamp(0, 1) - x).detach()
         return x + delta
 
 

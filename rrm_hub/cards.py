@@ -65,26 +65,33 @@ def render_card(kind: str, metrics: dict, context: dict) -> ModelCard:
     return ModelCard.from_template(card_data, template_path=str(template_path(kind)), metrics=metrics, **context)
 
 
-def plot_sweeps(curves: dict[str, list[dict]], path: str | Path, norm: str, title: str = "") -> None:
-    """Accuracy versus epsilon, one line per model, saved as a PNG."""
+def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, x: str, y: str, xlabel: str, ylabel: str,
+                target: float | None = None) -> None:
+    """One line per label through the points' `x` and `y` values (accuracies drawn in %), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for label, curve in curves.items():
-        ax.plot([p["eps"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", label=label)
-    ax.set_xlabel(f"epsilon ({'L-inf' if norm == 'linf' else 'L2'}, [0, 1] pixels)")
-    ax.set_ylabel("accuracy under PGD-10 (%)")
+        ax.plot([p[x] for p in curve], [100 * p[y] for p in curve], marker="o", markersize=3, label=label)
+    if target is not None:
+        ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1, label="target")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_sweeps(curves: dict[str, list[dict]], path: str | Path, norm: str) -> None:
+    """Accuracy versus epsilon, one line per model."""
+    plot_curves(curves, path, x="eps", y="accuracy", ylabel="accuracy under PGD-10 (%)",
+                xlabel=f"epsilon ({'L-inf' if norm == 'linf' else 'L2'}, [0, 1] pixels)")
 
 
 def save_json(data: dict, path: str | Path) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import shlex
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -29,6 +31,78 @@ def parse_kwargs(pairs: list[str] | None) -> dict:
         except (ValueError, SyntaxError):
             kwargs[key] = value
     return kwargs
+
+
+DEFAULT_STUDENT = "vit_tiny_patch16_224"
+DEFAULT_STUDENT_KWARGS = ["img_size=28", "patch_size=7", "depth=4", "embed_dim=96", "num_heads=3"]
+
+
+def add_teacher_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("teacher")
+    group.add_argument("--teacher", default=None, help="Hub id (org/name), hf://org/repo/file, folder, weight file "
+                       "or timm architecture (default: the bundled MNIST teacher)")
+    group.add_argument("--teacher-revision", default=None, help="Hub revision of the teacher")
+    group.add_argument("--teacher-checkpoint", default=None, help="weights (.safetensors/.ckpt/.pt path or "
+                       "hf://org/repo/path/in/repo) for the architecture named by --teacher or --teacher-arch")
+    group.add_argument("--teacher-arch", default=None, help="architecture of a weight-file teacher: NAME, timm:NAME "
+                       "or torchvision:NAME (default: guessed from the file name)")
+    group.add_argument("--teacher-kwargs", nargs="*", default=None, help="key=value to build --teacher-arch")
+    group.add_argument("--teacher-num-classes", type=int, default=None,
+                       help="classes of a weight-file teacher (default: rows of its classifier)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="let transformers run the teacher repo's own model code (only for repos you trust)")
+
+
+def load_teacher_from(args: argparse.Namespace, device) -> torch.nn.Module:
+    """The teacher the teacher flags name, frozen, on `device`."""
+    from .teachers import load_teacher
+
+    teacher = load_teacher(args.teacher, revision=args.teacher_revision, checkpoint=args.teacher_checkpoint,
+                           arch=args.teacher_arch, model_args=parse_kwargs(args.teacher_kwargs),
+                           num_classes=args.teacher_num_classes, trust_remote_code=args.trust_remote_code)
+    return teacher.to(device)
+
+
+def add_student_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("student")
+    group.add_argument("--student", default=None, help=f"timm architecture (default: {DEFAULT_STUDENT} with "
+                       f"{' '.join(DEFAULT_STUDENT_KWARGS)})")
+    group.add_argument("--student-kwargs", nargs="*", default=None, help="key=value for timm.create_model")
+    group.add_argument("--student-layer", default=None, help="module of the student to match (default: its "
+                       "projected penultimate representation)")
+
+
+def student_spec(args: argparse.Namespace) -> tuple[str, dict]:
+    """The student architecture and its timm kwargs; the default kwargs go with the default student only."""
+    kwargs = args.student_kwargs
+    if kwargs is None:
+        kwargs = DEFAULT_STUDENT_KWARGS if args.student is None else []
+    return args.student or DEFAULT_STUDENT, parse_kwargs(kwargs)
+
+
+def add_rrm_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("RRM loss")
+    group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
+    group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
+    group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
+    group.add_argument("--match-on", choices=["clean", "noise", "adversarial"], default="noise",
+                       help="noise (default): inputs plus uniform noise in the eps-ball, for teacher and student; "
+                       "clean: the paper's method; adversarial: inputs moved one signed-gradient step to maximise "
+                       "the mismatch")
+    group.add_argument("--match-eps", type=float, default=None,
+                       help="size of the noise / step for --match-on noise|adversarial (default: --eps)")
+    group.add_argument("--match-eps-warmup", type=float, default=0.0,
+                       help="ramp --match-eps up from 0 over this fraction of training")
+    group.add_argument("--kd-weight", type=float, default=0.0, help="weight of logit distillation from the teacher")
+    group.add_argument("--kd-temperature", type=float, default=4.0)
+
+
+def rrm_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of `rrm_hub.RRM` from the RRM loss flags."""
+    return {"ce_weight": args.ce_weight, "feature_weight": args.feature_weight, "kind": args.feature_loss,
+            "match_on": args.match_on, "eps": args.eps if args.match_eps is None else args.match_eps,
+            "norm": args.norm, "kd_weight": args.kd_weight, "temperature": args.kd_temperature,
+            "eps_warmup": args.match_eps_warmup}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +139,11 @@ def add_eval_args(parser: argparse.ArgumentParser, eps: float = 0.3) -> None:
     group = parser.add_argument_group("threat model and evaluation")
     group.add_argument("--eps", type=float, default=eps, help="attack budget in [0, 1] pixel space")
     group.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    group.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the final evaluation")
-    group.add_argument("--eval-restarts", type=int, default=1)
+    group.add_argument("--suite", choices=["pgd", "standard"], default="pgd", help="final evaluation: pgd (PGD-20, "
+                       "fast) or standard (AutoAttack's APGD-CE, APGD-T and Square; worst case per example)")
+    group.add_argument("--eval-steps", type=int, default=None, help="steps of the suite's gradient attacks "
+                       "(default: 20 for pgd, 100 for standard)")
+    group.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     group.add_argument("--eval-examples", type=int, default=None, help="test images for the final numbers "
                        "(default: all)")
     group.add_argument("--sweep-examples", type=int, default=500, help="test images for the epsilon sweep")
@@ -96,14 +173,15 @@ def add_hub_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None, script: str, *, epochs: int,
-          lr: float) -> argparse.Namespace:
+          lr: float, hub: bool = True) -> argparse.Namespace:
     """Add the shared flag groups to a recipe's `parser`, parse `argv`, check them, record the command."""
     add_data_args(parser)
     add_train_args(parser, epochs=epochs, lr=lr)
     add_eval_args(parser)
-    add_hub_args(parser)
+    if hub:
+        add_hub_args(parser)
     args = parser.parse_args(argv)
-    if args.push_to_hub and not args.hub_model_id:
+    if getattr(args, "push_to_hub", False) and not args.hub_model_id:
         raise RRMError("--push-to-hub needs --hub-model-id user/name")
     args.command = command_line(script, argv)
     return args
@@ -133,6 +211,12 @@ def epoch_check(data: ImageData, args: argparse.Namespace, accelerator: Accelera
     return make_check(loader, pgd(args.eps, args.norm, 10), accelerator)
 
 
+def report(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """Keyword arguments of `rrm_hub.evaluate.robustness_report` from the evaluation flags."""
+    return {"eps": args.eps, "norm": args.norm, "suite": args.suite, "steps": args.eval_steps,
+            "checks": not args.no_checks, "accelerator": accelerator}
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     if args.eps < 0:
         raise RRMError(f"--eps must be >= 0, got {args.eps}")
@@ -143,8 +227,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """An `Accelerator` for the flags; seeds every process identically."""
+    """An `Accelerator` for the flags; seeds every process identically.
+
+    Refuses a launch that started several processes which would each train alone (accelerate's
+    `--multi_gpu` on a machine without GPUs does that): duplicated work and two writers of one folder.
+    """
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise RRMError(f"{os.environ['WORLD_SIZE']} processes were started but each would train alone; on CPUs "
+                       "launch with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...")
     set_seed(args.seed)
     return accelerator
 

@@ -2,6 +2,8 @@
 
 - `Natural`: cross-entropy on clean images.
 - `AdversarialTraining`: cross-entropy on attacked images (PGD-AT with `pgd`, fast-AT with `fgsm`).
+- `FreeAdversarialTraining`: free-AT, minibatch replays with a persistent perturbation.
+- `Distillation`: logit distillation from the teacher (KD).
 - `RRM`: Robust Representation Matching, `w_ce * CE + w_feat * (1 - cos(z_S, z_T))`.
 """
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Attack, random_perturbation
+from .attacks import Attack, ascent_direction, fgsm, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
 
@@ -30,6 +32,11 @@ class Natural:
         return loss, {"ce": loss.detach()}
 
 
+def warmup_scale(progress: float, warmup: float) -> float:
+    """Linear ramp from 0 to 1 over the first `warmup` fraction of training."""
+    return min(1.0, progress / warmup) if warmup > 0 else 1.0
+
+
 class AdversarialTraining:
     """Cross-entropy on adversarial examples made by `attack` against the model being trained.
 
@@ -44,7 +51,7 @@ class AdversarialTraining:
 
     def schedule(self, progress: float) -> None:
         """Called by the training loop with the fraction of training done."""
-        scale = min(1.0, progress / self.eps_warmup) if self.eps_warmup > 0 else 1.0
+        scale = warmup_scale(progress, self.eps_warmup)
         step_size = None if self.attack.step_size is None else self.attack.step_size * scale
         self.current = replace(self.attack, eps=self.attack.eps * scale, step_size=step_size)
 
@@ -52,6 +59,54 @@ class AdversarialTraining:
         x_adv = self.current(model, x, y)
         loss = F.cross_entropy(model(x_adv), y)
         return loss, {"ce": loss.detach(), "eps": torch.tensor(self.current.eps)}
+
+
+class FreeAdversarialTraining:
+    """Free adversarial training (Shafahi et al., 2019): each minibatch is replayed `replays` times, and the
+    backward pass that updates the weights also gives the gradient that moves a perturbation kept across
+    replays and minibatches (an ascent step of `eps`). Train `replays` times fewer epochs for the same cost.
+    """
+
+    name = "free_at"
+
+    def __init__(self, eps: float, norm: str = "linf", replays: int = 4):
+        if replays < 1:
+            raise RRMError("free adversarial training needs --replays >= 1")
+        self.eps, self.norm, self.replays = eps, norm, replays
+        self.delta: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+
+    def _keep_grad(self, grad: torch.Tensor) -> None:
+        self.grad = grad.detach()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        if self.delta is None or self.delta.shape != x.shape:
+            self.delta, self.grad = torch.zeros_like(x), None
+        if self.grad is not None:  # the ascent step from the previous replay's backward pass
+            self.delta = project(self.delta + self.eps * ascent_direction(self.grad, self.norm), self.eps, self.norm)
+            self.grad = None
+        delta = ((x + self.delta).clamp(0, 1) - x).detach().requires_grad_(True)
+        delta.register_hook(self._keep_grad)
+        self.delta = delta.detach()
+        loss = F.cross_entropy(model(x + delta), y)
+        return loss, {"ce": loss.detach()}
+
+
+class Distillation:
+    """Logit distillation (Hinton et al., 2015) from the teacher: the RRM paper's comparison."""
+
+    name = "kd"
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, kd_weight: float = 0.9):
+        self.teacher, self.temperature, self.kd_weight = teacher, temperature, kd_weight
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        with torch.inference_mode():
+            teacher_logits = self.teacher(x)
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        kd = distillation_loss(logits, teacher_logits.clone(), self.temperature)
+        return (1 - self.kd_weight) * ce + self.kd_weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
@@ -63,15 +118,32 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosi
     raise RRMError(f"unknown feature loss '{kind}'; use cosine or l2")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper: attacks run on it, outside gradient sync."""
+    return getattr(model, "module", model)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s KL(teacher || student) on temperature-softened logits, scaled by T^2."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.softmax(teacher_logits.float() / t, dim=1),
+                    reduction="batchmean") * t * t
+
+
 class RRM:
     """Robust Representation Matching (Vaishnavi et al., 2022) against a frozen teacher.
 
+    loss = ce_weight * CE + feature_weight * mismatch(z_S, z_T) [+ kd_weight * KD(logits)].
     The student must return `(logits, features)` for `model(x, return_features=True)` (see `RRMStudent`).
-    `match_on="noise"` matches on `x` plus uniform noise inside the eps-ball, for teacher and student alike
-    (`match_on="clean"` is the paper's method).
+    Where the representations are matched (`match_on`):
+    - "clean": on the training images, the paper's method (one student forward/backward, one teacher forward);
+    - "noise": on images plus uniform noise inside the eps-ball, for teacher and student alike;
+    - "adversarial": on images moved by one signed-gradient step (from a random start) that maximises the
+      student's mismatch; costs one more student forward/backward and teacher forward.
     """
 
     name = "rrm"
+    MATCH_ON = ("clean", "noise", "adversarial")
 
     def __init__(
         self,
@@ -81,27 +153,46 @@ class RRM:
         feature_weight: float = 1.0,
         kind: str = "cosine",
         match_on: str = "clean",
-        noise_eps: float = 0.3,
+        eps: float = 0.3,
         norm: str = "linf",
+        kd_weight: float = 0.0,
+        temperature: float = 4.0,
+        eps_warmup: float = 0.0,
     ):
-        if match_on not in ("clean", "noise"):
-            raise RRMError(f"unknown --match-on '{match_on}'; use clean or noise")
+        if match_on not in self.MATCH_ON:
+            raise RRMError(f"unknown --match-on '{match_on}'; use one of {', '.join(self.MATCH_ON)}")
         self.teacher = teacher
         self.tap = FeatureTap(teacher.network, teacher_layer)
         self.ce_weight, self.feature_weight, self.kind = ce_weight, feature_weight, kind
-        self.match_on, self.noise_eps, self.norm = match_on, noise_eps, norm
+        self.match_on, self.eps, self.norm = match_on, eps, norm
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.eps_warmup, self.current_eps = eps_warmup, eps
 
-    def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's representation of `x`, computed without building a graph."""
+    def schedule(self, progress: float) -> None:
+        """Called by the training loop: ramps the matching epsilon up over `eps_warmup` of training."""
+        self.current_eps = self.eps * warmup_scale(progress, self.eps_warmup)
+
+    def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's logits and representation of `x`, computed without building a graph."""
         with torch.inference_mode():
-            self.teacher(x)
+            logits = self.teacher(x)
             features = self.tap.pop()
-        return features.clone()  # a normal tensor, usable in the student's graph
+        return logits.clone(), features.clone()  # normal tensors, usable in the student's graph
+
+    def matching_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The images on which teacher and student are matched."""
+        if self.match_on == "noise":
+            return (x + random_perturbation(x, self.current_eps, self.norm)).clamp(0, 1)
+        if self.match_on == "adversarial":
+            _, target = self.teacher_outputs(x)
+            student = unwrap(model)
+            return fgsm(self.current_eps, self.norm).maximize(
+                lambda x_adv: feature_loss(student(x_adv, return_features=True)[1], target, self.kind), x)
+        return x
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
-        if self.match_on == "noise":
-            x = (x + random_perturbation(x, self.noise_eps, self.norm)).clamp(0, 1)
-        target = self.teacher_features(x)
+        x = self.matching_inputs(model, x)
+        teacher_logits, target = self.teacher_outputs(x)
         logits, features = model(x, return_features=True)
         if features.shape[1] != target.shape[1]:
             raise RRMError(f"student features have width {features.shape[1]} but the teacher's have "
@@ -109,4 +200,9 @@ class RRM:
         ce = F.cross_entropy(logits, y)
         mismatch = feature_loss(features, target, self.kind)
         loss = self.ce_weight * ce + self.feature_weight * mismatch
-        return loss, {"ce": ce.detach(), "feat": mismatch.detach()}
+        logs = {"ce": ce.detach(), "feat": mismatch.detach()}
+        if self.kd_weight:
+            kd = distillation_loss(logits, teacher_logits, self.temperature)
+            loss = loss + self.kd_weight * kd
+            logs["kd"] = kd.detach()
+        return loss, logs

@@ -1,19 +1,30 @@
-"""`load_teacher(spec)`: a frozen classifier that takes [0, 1] pixels, from a folder or the Hub.
+"""`load_teacher(spec)`: a frozen classifier that takes [0, 1] pixels, from wherever a robust model lives.
 
-Resolution goes through `huggingface_hub` (its cache, revisions, `HF_HUB_OFFLINE`, tokens).
-Weights are read from safetensors only; nothing is unpickled.
+Sources: the bundled teacher; a folder or Hub repo in timm, transformers or rrm-hub format; a weight file
+(timm or torchvision state dict, MadryLab `robustness` checkpoint), local or `hf://org/repo/path/in/repo`.
+Resolution goes through `huggingface_hub` (its cache, revisions, `HF_HUB_OFFLINE`, tokens). Weights are read
+from safetensors or with `torch.load(weights_only=True)`; nothing is ever fully unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from torch import nn
 
+from .converters import (
+    CHECKPOINT_SUFFIXES,
+    architecture_names,
+    checkpoint_teacher,
+    is_transformers_config,
+    transformers_teacher,
+)
 from .errors import RRMError
 from .models import PixelModel, preprocess_for
 from .student import CONFIG_FILE, RRMStudent
@@ -21,6 +32,10 @@ from .student import CONFIG_FILE, RRMStudent
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_TEACHER = ASSETS / "mnist-robust-resnet"
 """The bundled teacher: a small PGD-trained ResNet for the embedded MNIST (L-inf eps 0.3)."""
+
+HF_URL = "hf://"
+REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
+OFFLINE_HINT = "(HF_HUB_OFFLINE?); download it first or give a local path"
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -30,48 +45,137 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _load_folder(folder: Path, source: str) -> nn.Module:
+def _timm_teacher(folder: Path, config: dict, source: str) -> PixelModel:
+    if not any(folder.glob("*.safetensors")):
+        raise RRMError(f"teacher '{source}' has no .safetensors weights; rrm-hub does not unpickle .bin/.pth")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    labels = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
+    return PixelModel(model, preprocess_for(model), labels, source)
+
+
+def _load_folder(folder: Path, source: str, trust_remote_code: bool = False) -> nn.Module:
+    """An rrm-hub student, a transformers image classifier or a timm model, as its config.json says."""
     config_path = folder / CONFIG_FILE
     if not config_path.exists():
-        raise RRMError(f"teacher '{source}' has no config.json; give a timm or rrm-hub model folder or Hub id")
+        raise RRMError(f"teacher '{source}' has no config.json; give a timm, transformers or rrm-hub model, "
+                       "or a single weight file as hf://org/repo/file or a path")
     config = json.loads(config_path.read_text())
     if "rrm" in config:
         student = RRMStudent.from_pretrained(str(folder))
         student.source = source
-        return _freeze(student)
+        return student
+    if is_transformers_config(config):
+        return transformers_teacher(folder, config, source, trust_remote_code)
     if "architecture" in config:
-        if not any(folder.glob("*.safetensors")):
-            raise RRMError(f"teacher '{source}' has no .safetensors weights; rrm-hub does not unpickle .bin/.pth")
-        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-        labels = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
-        return _freeze(PixelModel(model, preprocess_for(model), labels, source))
-    raise RRMError(f"teacher '{source}': config.json is neither a timm nor an rrm-hub config")
+        return _timm_teacher(folder, config, source)
+    raise RRMError(f"teacher '{source}': config.json is not a timm, transformers or rrm-hub config")
 
 
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or Path(spec).suffix != ""
+@contextmanager
+def _hub_errors(what: str):
+    """Turn `huggingface_hub`'s errors while fetching `what` into one-line `RRMError`s."""
+    try:
+        yield
+    except HFValidationError as err:
+        raise RRMError(f"{what}: not a valid Hub id ({err})") from None
+    except LocalEntryNotFoundError:
+        raise RRMError(f"{what} is not in the local Hugging Face cache and the Hub cannot be reached "
+                       f"{OFFLINE_HINT}") from None
+    except HfHubHTTPError as err:
+        raise RRMError(f"{what} could not be fetched from the Hub ({type(err).__name__}); check the id, the path, "
+                       "the revision and your token (hf auth login)") from None
 
 
-def load_teacher(spec: str | None = None, revision: str | None = None) -> nn.Module:
-    """A frozen, eval-mode teacher taking [0, 1] pixels, with `num_classes`, `label_names` and `network`.
+def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    """The config, weights and card of a Hub model repo (its code too with `trust_remote_code`)."""
+    patterns = ["*.json", "*.safetensors", "*.md"] + (["*.py"] if trust_remote_code else [])
+    with _hub_errors(f"teacher '{repo_id}'"):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
-    `spec`: None for the bundled default, a local folder, or a Hub id (`org/name` or `hf-hub:org/name`).
+
+def parse_hf_url(url: str) -> tuple[str, str, str | None]:
+    """`hf://org/repo[@revision]/path/in/repo` -> (repo id, path in repo, revision); the path may be ''."""
+    parts = url.removeprefix(HF_URL).split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise RRMError(f"'{url}' is not hf://org/repo/path/in/repo")
+    name, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{name}", "/".join(parts[2:]), revision or None
+
+
+def _download(repo_id: str, filename: str, revision: str | None) -> Path:
+    """One file of a Hub model repo, through the Hugging Face cache."""
+    with _hub_errors(f"'{filename}' of '{repo_id}'"):
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+
+
+def _load_file(spec: str, revision: str | None, arch: str | None, model_args: dict | None,
+               num_classes: int | None) -> nn.Module:
+    """A weight file given as `hf://org/repo/path/in/repo` or a local path."""
+    if spec.startswith(HF_URL):
+        repo_id, filename, url_revision = parse_hf_url(spec)
+        path = _download(repo_id, filename, url_revision or revision)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise RRMError(f"checkpoint '{spec}' not found: give an existing file or hf://org/repo/path/in/repo")
+    return checkpoint_teacher(path, spec, arch, model_args, num_classes)
+
+
+def _is_weight_file(spec: str) -> bool:
+    """`hf://org/repo/path`, an existing file, or a path ending like a checkpoint (which may be missing)."""
+    if spec.startswith(HF_URL):
+        return bool(parse_hf_url(spec)[1])
+    path = Path(spec).expanduser()
+    return path.is_file() or not path.is_dir() and path.suffix in CHECKPOINT_SUFFIXES
+
+
+def _is_architecture(spec: str) -> bool:
+    return "/" not in spec and (spec in architecture_names("torchvision") or timm.is_model(spec))
+
+
+def load_teacher(
+    spec: str | None = None,
+    revision: str | None = None,
+    *,
+    checkpoint: str | None = None,
+    arch: str | None = None,
+    model_args: dict | None = None,
+    num_classes: int | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A frozen, eval-mode teacher taking [0, 1] pixels, with `num_classes`, `label_names`, `source` and `network`.
+
+    `spec`: None for the bundled default; a Hub model id (`org/name`, `hf-hub:org/name`, `hf://org/name`) or a
+    local folder in timm, transformers or rrm-hub format; or a weight file, `hf://org/repo/path/in/repo` or a
+    path. A weight file's architecture is `arch` (`name`, `timm:name`, `torchvision:name`) or guessed from the
+    file name; `load_teacher("resnet18", checkpoint=...)` names it as `spec`. `model_args` and `num_classes`
+    build that architecture. `trust_remote_code` lets transformers run a repo's own model code.
     """
+    if checkpoint is not None:
+        named = None if spec in (None, "default") else spec
+        if named and arch not in (None, named):
+            raise RRMError(f"two architectures given ('{named}' and '{arch}'); give one")
+        return _freeze(_load_file(checkpoint, revision, arch or named, model_args, num_classes))
+    is_file = spec is not None and _is_weight_file(spec)
+    if not is_file and (arch or model_args or num_classes):
+        raise RRMError("an architecture, model kwargs or a number of classes only apply to a weight file "
+                       "(--teacher-checkpoint or a .safetensors/.ckpt/.pt teacher)")
     if spec is None or spec == "default":
-        return _load_folder(DEFAULT_TEACHER, "rrm-hub bundled MNIST teacher")
-    repo_id = spec.removeprefix("hf-hub:")
+        return _freeze(_load_folder(DEFAULT_TEACHER, "rrm-hub bundled MNIST teacher"))
+    if is_file:
+        return _freeze(_load_file(spec, revision, arch, model_args, num_classes))
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, spec)
-    if path.exists() or _looks_like_path(repo_id) and not spec.startswith("hf-hub:"):
-        raise RRMError(f"teacher '{spec}' not found: give an existing folder, a Hub id like org/name, "
-                       "or leave --teacher out for the bundled default")
-    try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"])
-    except LocalEntryNotFoundError:
-        raise RRMError(f"teacher '{repo_id}' is not in the local Hugging Face cache and the Hub cannot be "
-                       "reached (HF_HUB_OFFLINE?); download it first or give a local folder") from None
-    except HfHubHTTPError as err:
-        raise RRMError(f"teacher '{repo_id}' could not be fetched from the Hub ({type(err).__name__}); "
-                       "check the id, the revision and your token (huggingface-cli login)") from None
-    return _load_folder(Path(folder), repo_id)
+        return _freeze(_load_folder(path, spec, trust_remote_code))
+    if spec.startswith(HF_URL):
+        repo_id, _, url_revision = parse_hf_url(spec)
+        return _freeze(_load_folder(_snapshot(repo_id, url_revision or revision, trust_remote_code), repo_id,
+                                    trust_remote_code))
+    repo_id = spec.removeprefix("hf-hub:")
+    if spec.startswith("hf-hub:") or REPO_ID.fullmatch(spec):
+        return _freeze(_load_folder(_snapshot(repo_id, revision, trust_remote_code), repo_id, trust_remote_code))
+    if _is_architecture(spec):
+        raise RRMError(f"'{spec}' is an architecture name: give its weights with checkpoint=... "
+                       "(--teacher-checkpoint), or a Hub repo such as timm/<name>")
+    raise RRMError(f"teacher '{spec}' not found: give an existing folder or file, a Hub id like org/name, "
+                   "hf://org/repo/file.ckpt, or leave --teacher out for the bundled default")

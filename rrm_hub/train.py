@@ -43,6 +43,26 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     raise RRMError(f"unknown optimizer '{config.optimizer}'; use adamw or sgd")
 
 
+def _step(model, objective, x, y, optimizer, scheduler, accelerator: Accelerator, config: TrainConfig,
+          step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
+    """One forward/backward of `objective` and, at the end of an accumulation window, one optimizer step."""
+    if hasattr(objective, "schedule"):  # objectives that change over training (e.g. epsilon warm-up)
+        objective.schedule(step / total_steps)
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss, logs = objective(model, x, y)
+        if not torch.isfinite(loss):
+            raise RRMError(f"the loss became {loss.item()} at step {step}; lower --lr or use "
+                           "--mixed-precision no")
+        accelerator.backward(loss)
+        if config.grad_clip and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return loss.detach(), logs
+
+
 def train(
     model: nn.Module,
     objective: Objective,
@@ -57,7 +77,8 @@ def train(
     """
     optimizer = make_optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps)  # per process, once sharded
+    replays = getattr(objective, "replays", 1)  # free-AT takes several optimizer steps on each minibatch
+    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps) * replays  # per process
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -75,32 +96,23 @@ def train(
         model.train()
         started, sums, count = time.perf_counter(), {}, 0
         for x, y in loader:
-            if hasattr(objective, "schedule"):  # objectives that change over training (e.g. epsilon warm-up)
-                objective.schedule(step / total_steps)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, logs = objective(model, x, y)
-                if not torch.isfinite(loss):
-                    raise RRMError(f"the loss became {loss.item()} at step {step}; lower --lr or use "
-                                   "--mixed-precision no")
-                accelerator.backward(loss)
-                if config.grad_clip and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            for key, value in {"loss": loss.detach(), **logs}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            count += 1
-            if accelerator.sync_gradients:
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{float(loss.detach()):.4f}", epoch=epoch + 1)
+            for _ in range(replays):
+                loss, logs = _step(model, objective, x, y, optimizer, scheduler, accelerator, config, step, total_steps)
+                for key, value in {"loss": loss, **logs}.items():  # stays on the device: no sync per step
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+                if accelerator.sync_gradients:
+                    step += 1
+                    progress.update(1)
+                    if step % 10 == 0:
+                        progress.set_postfix(loss=f"{float(loss):.4f}", epoch=epoch + 1)
                 if step >= total_steps:
                     break
+            if step >= total_steps:
+                break
         train_seconds += time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
-        record.update({key: round(value / max(count, 1), 5) for key, value in sums.items()})
+        record.update({key: round(float(value) / max(count, 1), 5) for key, value in sums.items()})
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch, accelerator.unwrap_model(model)))
         history.append(record)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +37,26 @@ def teacher():
     from rrm_hub import load_teacher
 
     return load_teacher()
+
+
+@pytest.fixture(scope="session")
+def undefended(mnist):
+    """A small CNN trained naturally for two epochs: accurate, and not robust."""
+    from rrm_hub import make_loader
+    from rrm_hub.objectives import Natural
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 5, 2), nn.ReLU(), nn.Conv2d(16, 32, 5, 2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 4 * 4, 10))
+    optimizer = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(2):
+        for x, y in make_loader(mnist, "train", 64):
+            loss, _ = Natural()(model, x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
 
 
 def put_in_hub_cache(folder: Path, repo_id: str, hf_home: Path, revision: str = "0" * 40) -> Path:

@@ -1,26 +1,7 @@
 import pytest
 import torch
-from torch import nn
 
 from rrm_hub import Attack, RRMError, evaluate, fgsm, make_loader, pgd
-from rrm_hub.objectives import Natural
-
-
-@pytest.fixture(scope="module")
-def undefended(mnist):
-    """A small CNN trained naturally for one epoch: accurate, and not robust."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 5, 2), nn.ReLU(), nn.Conv2d(16, 32, 5, 2), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(32 * 4 * 4, 10))
-    optimizer = torch.optim.Adam(model.parameters(), 2e-3)
-    for _ in range(2):
-        for x, y in make_loader(mnist, "train", 64):
-            loss, _ = Natural()(model, x, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

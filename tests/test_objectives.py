@@ -50,7 +50,7 @@ def test_noise_matching_feeds_teacher_and_student_the_same_noisy_images(teacher,
     seen = []
     handle = teacher.preprocess.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     x = torch.full((3, 1, 28, 28), 0.5)
-    RRM(teacher, match_on="noise", noise_eps=0.2)(student, x, torch.arange(3))
+    RRM(teacher, match_on="noise", eps=0.2)(student, x, torch.arange(3))
     handle.remove()
     delta = seen[0] - x
     assert 0 < delta.abs().max() <= 0.2 + 1e-6
@@ -63,3 +63,28 @@ def test_adversarial_training_warms_up_epsilon():
     objective.schedule(0.9)
     assert objective.current.eps == 0.3 and objective.name == "pgd_at"
     assert AdversarialTraining(fgsm(0.3)).name == "fast_at"
+
+
+def test_adversarial_matching_finds_a_worse_mismatch_inside_the_ball(teacher, student):
+    x = torch.rand(8, 1, 28, 28)
+    objective = RRM(teacher, match_on="adversarial", eps=0.1)
+    moved = objective.matching_inputs(student, x)
+    assert (moved - x).abs().max() <= 0.1 + 1e-6 and moved.min() >= 0 and moved.max() <= 1
+    _, target = objective.teacher_outputs(x)
+    with torch.no_grad():
+        clean_gap = feature_loss(student(x, return_features=True)[1], target)
+        moved_gap = feature_loss(student(moved, return_features=True)[1], target)
+    assert moved_gap > clean_gap
+
+
+def test_distillation_term_is_added(teacher, student):
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    student.eval()
+    base, _ = RRM(teacher)(student, x, y)
+    with_kd, logs = RRM(teacher, kd_weight=0.5, temperature=2.0)(student, x, y)
+    with torch.no_grad():
+        t = F.softmax(teacher(x) / 2.0, dim=1)
+        s = F.log_softmax(student(x) / 2.0, dim=1)
+        kd = (t * (t.log() - s)).sum(dim=1).mean() * 4.0
+    assert torch.allclose(logs["kd"], kd, atol=1e-5)
+    assert torch.allclose(with_kd, base + 0.5 * kd, atol=1e-5)

@@ -31,7 +31,8 @@ def test_rrm_recipe_through_accelerate_launch(tmp_path):
                 "train_seconds", "teacher_clean_accuracy", "teacher_robust_accuracy"):
         assert key in metrics
     assert metrics["method"] == "rrm" and metrics["eps"] == 0.3 and metrics["steps"] == 3
-    assert set(metrics["robust_accuracy"]) == {"pgd3"} and 0 <= metrics["robust_accuracy"]["pgd3"] <= 1
+    assert set(metrics["robust_accuracy"]) == {"pgd3", "worst_case"} and 0 <= metrics["robust_accuracy"]["pgd3"] <= 1
+    assert set(metrics["checks"]) == {"large_eps", "more_steps", "black_box", "monotone_in_eps"}
     assert metrics["teacher_robust_accuracy"]["pgd3"] > 0.5  # the bundled teacher is robust
     student = RRMStudent.from_pretrained(out)
     assert student(torch.rand(2, 1, 28, 28)).shape == (2, 10)
@@ -72,6 +73,13 @@ def test_bad_input_gives_one_line_errors(tmp_path, three_class_dataset, args, me
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_a_launch_whose_processes_would_train_alone_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate set, while this process sees no group
+    result = run_recipe(["recipes/rrm.py", *QUICK, "--output-dir", str(tmp_path / "out")], timeout=120)
+    assert result.returncode == 2 and "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_readme_commands_are_the_ones_ci_runs():

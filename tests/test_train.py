@@ -39,3 +39,12 @@ def test_a_diverging_loss_stops_with_one_line():
 
     with pytest.raises(RRMError, match="loss became nan at step 0"):
         train(_model(), exploding, _problem(), Accelerator(cpu=True), TrainConfig(epochs=1))
+
+
+def test_free_adversarial_training_replays_each_minibatch():
+    from rrm_hub.objectives import FreeAdversarialTraining
+
+    objective = FreeAdversarialTraining(eps=0.1, replays=3)
+    run = train(_model(), objective, _problem(), Accelerator(cpu=True), TrainConfig(epochs=1, lr=0.05))
+    assert run["steps"] == 8 * 3
+    assert 0 < objective.delta.abs().max() <= 0.1 + 1e-6  # the perturbation moved, inside the ball

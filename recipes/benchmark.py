@@ -1,0 +1,154 @@
+"""RRM against adversarial training, side by side: same student, data, budget and seed.
+
+    python recipes/benchmark.py --quick
+
+For each method (natural, PGD-AT, fast-AT, free-AT, KD, RRM) trains the same student, checks robust
+accuracy (PGD-10) after every epoch against the training seconds spent so far, and writes to
+--output-dir: benchmark.json (stable keys: methods.<name>.seconds_per_step, .time_to_target_seconds,
+.robust_accuracy, .clean_accuracy, ...), benchmark.md (a table) and benchmark.png (robust accuracy versus
+wall-clock seconds). Time-to-target: seconds until a method first reaches --target-fraction of PGD-AT's
+final robust accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from rrm_hub import RRMStudent, evaluate, flags, make_loader, pgd, train
+from rrm_hub.benchmark import METHODS, make_objective, step_memory, time_to_target
+from rrm_hub.cards import hardware, plot_curves, save_json
+from rrm_hub.errors import cli
+from rrm_hub.features import default_layer, feature_width
+
+QUICK = {"epochs": 4, "epoch_eval_examples": 200, "eval_examples": 500}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--quick", action="store_true", help=f"a short run: {QUICK}")
+    parser.add_argument("--attack-steps", type=int, default=7, help="PGD steps of PGD-AT")
+    parser.add_argument("--replays", type=int, default=4, help="minibatch replays of free-AT (epochs / replays)")
+    parser.add_argument("--eps-warmup", type=float, default=0.3, help="epsilon ramp of PGD-AT and fast-AT")
+    parser.add_argument("--target-fraction", type=float, default=0.9)
+    flags.add_teacher_args(parser)
+    flags.add_student_args(parser)
+    flags.add_rrm_args(parser)
+    args = flags.parse(parser, argv, __file__, epochs=10, lr=1e-3, hub=False)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if not args.epoch_eval_examples:
+        args.epoch_eval_examples = 200  # the curves need a check after every epoch
+    return args
+
+
+def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, accelerator) -> dict:
+    """Train a fresh student with `method` and measure it."""
+    torch.manual_seed(args.seed)
+    name, student_args = flags.student_spec(args)
+    student = RRMStudent.for_teacher(name, feature_dim=feature_dim, num_classes=data.num_classes,
+                                     model_args=student_args, input_size=(data.channels, *data.image_size))
+    objective = make_objective(method, eps=args.eps, norm=args.norm, teacher=teacher, teacher_layer=teacher_layer,
+                               attack_steps=args.attack_steps, replays=args.replays, eps_warmup=args.eps_warmup,
+                               rrm_options=flags.rrm_options(args))
+    x, y = next(iter(make_loader(data, "train", args.batch_size)))
+    memory = step_memory(student, objective, x, y)
+    config = flags.train_config(args)
+    if method == "free_at":  # the same number of passes over the data as the others
+        config.epochs = max(1, math.ceil(args.epochs / args.replays))
+    run = train(student, objective, flags.train_loader(data, args), accelerator, config,
+                flags.epoch_check(data, args, accelerator))
+    student = accelerator.unwrap_model(student)
+    final = evaluate(student, make_loader(data, "test", args.batch_size, limit=args.eval_examples),
+                     {"pgd20": pgd(args.eps, args.norm, 20)}, accelerator, desc=f"{method} pgd20")
+    curve = [{"seconds": h["seconds"], "robust": h["pgd10"], "clean": h["clean"]} for h in run["history"]]
+    return {"epochs": run["epochs"], "steps": run["steps"], "total_seconds": round(run["train_seconds"], 2),
+            "seconds_per_epoch": round(run["train_seconds"] / run["epochs"], 3),
+            "seconds_per_step": round(run["train_seconds"] / run["steps"], 5),
+            "clean_accuracy": final["clean_accuracy"], "robust_accuracy": final["robust_accuracy"]["pgd20"],
+            "curve": curve, **memory}
+
+
+@cli
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = flags.make_accelerator(args)
+    output_dir = Path(args.output_dir or "benchmark")
+    data = flags.load_data(args)
+
+    teacher = flags.load_teacher_from(args, accelerator.device)
+    teacher_layer = default_layer(teacher.network)
+    sample = torch.zeros(2, data.channels, *data.image_size, device=accelerator.device)
+    feature_dim = feature_width(teacher, teacher.network, teacher_layer, sample)
+
+    results = {}
+    for method in args.methods:
+        accelerator.print(f"--- {method}")
+        results[method] = run_method(method, args, data, teacher, teacher_layer, feature_dim, accelerator)
+
+    summarize(results, args)
+    report = {"command": args.command, "hardware": hardware(), "eps": args.eps, "norm": args.norm,
+              "student": flags.student_spec(args), "dataset": data.name, "target": args.target,
+              "ratios": ratios(results), "methods": results}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_json(report, output_dir / "benchmark.json")
+        (output_dir / "benchmark.md").write_text(markdown_table(results, args))
+        plot_curves({m: r["curve"] for m, r in results.items()}, output_dir / "benchmark.png", x="seconds",
+                    y="robust", xlabel="training seconds", target=args.target,
+                    ylabel=f"PGD-10 accuracy (%), {args.norm} eps {args.eps:g}")
+    accelerator.print(markdown_table(results, args))
+    for key, value in report["ratios"].items():
+        accelerator.print(f"{key}: {value}")
+    return report
+
+
+def summarize(results: dict, args) -> None:
+    """Time-to-target for every method, and each method's cost per step relative to natural training."""
+    reference = results.get("pgd_at", {}).get("robust_accuracy")
+    args.target = round(args.target_fraction * reference, 4) if reference else None  # no robust PGD-AT: no target
+    natural = results.get("natural", {}).get("seconds_per_step")
+    for result in results.values():
+        result["time_to_target_seconds"] = None if args.target is None else time_to_target(result["curve"],
+                                                                                           args.target)
+        result["step_cost_vs_natural"] = None if not natural else round(result["seconds_per_step"] / natural, 3)
+
+
+def ratios(results: dict) -> dict:
+    """The ratios the project's targets are stated in (None where a method was not run or never got there)."""
+    def ratio(a, b, key):
+        x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
+        return round(x / y, 3) if x and y else None
+
+    return {
+        "rrm_step_over_natural_step": ratio("rrm", "natural", "seconds_per_step"),
+        "rrm_activation_memory_over_natural": ratio("rrm", "natural", "saved_activation_bytes"),
+        "rrm_time_to_target_over_pgd_at": ratio("rrm", "pgd_at", "time_to_target_seconds"),
+        "rrm_time_to_target_over_free_at": ratio("rrm", "free_at", "time_to_target_seconds"),
+    }
+
+
+def markdown_table(results: dict, args) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def num(v, fmt=".1f"):
+        return "never" if v is None else format(v, fmt)
+
+    lines = [f"| method | epochs | s/epoch | step cost vs natural | total s | clean | PGD-20 ({args.norm} "
+             f"{args.eps:g}) | time to target ({pct(args.target)}) |", "|---|---|---|---|---|---|---|---|"]
+    for method, r in results.items():
+        cells = [method, r["epochs"], f"{r['seconds_per_epoch']:.2f}", num(r["step_cost_vs_natural"], ".2f"),
+                 f"{r['total_seconds']:.1f}", pct(r["clean_accuracy"]), pct(r["robust_accuracy"]),
+                 num(r["time_to_target_seconds"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Methods side by side under one budget: cost per step, memory, robustness over wall-clock time."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attacks import fgsm, pgd
+from .errors import RRMError
+from .objectives import RRM, AdversarialTraining, Distillation, FreeAdversarialTraining, Natural
+
+METHODS = ("natural", "pgd_at", "fast_at", "free_at", "kd", "rrm")
+
+
+def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | None = None,
+                   teacher_layer: str | None = None, attack_steps: int = 7, replays: int = 4,
+                   eps_warmup: float = 0.3, rrm_options: dict | None = None):
+    """The objective of `method` for the threat model (eps, norm)."""
+    if method == "natural":
+        return Natural()
+    if method == "pgd_at":
+        return AdversarialTraining(pgd(eps, norm, attack_steps), eps_warmup=eps_warmup)
+    if method == "fast_at":
+        return AdversarialTraining(fgsm(eps, norm), eps_warmup=eps_warmup)
+    if method == "free_at":
+        return FreeAdversarialTraining(eps, norm, replays)
+    if method in ("kd", "rrm") and teacher is None:
+        raise RRMError(f"method '{method}' needs a teacher")
+    if method == "kd":
+        return Distillation(teacher)
+    if method == "rrm":
+        return RRM(teacher, teacher_layer, **{"eps": eps, "norm": norm, **(rrm_options or {})})
+    raise RRMError(f"unknown method '{method}'; use some of {', '.join(METHODS)}")
+
+
+def time_to_target(curve: list[dict], target: float) -> float | None:
+    """Training seconds until robust accuracy first reaches `target` on a curve of {"seconds", "robust"}."""
+    for point in curve:
+        if point["robust"] >= target:
+            return point["seconds"]
+    return None
+
+
+def step_memory(model: nn.Module, objective, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Memory of one training step of `objective`: the bytes of the storages saved for backward during the step
+    (activations; each address counted once, so storages freed and reused by an attack's inner steps count once),
+    and on CUDA the peak allocated."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    cuda = x.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = objective(model, x, y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    result = {"saved_activation_bytes": sum(seen.values())}
+    if cuda:
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result

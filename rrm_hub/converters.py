@@ -1,0 +1,287 @@
+"""Robust models in other formats -> frozen-ready `PixelModel`s taking [0, 1] pixels.
+
+- weight files for a timm or torchvision architecture, including MadryLab `robustness` checkpoints
+  (`module.model.*` weights, `module.normalizer.*` statistics, `module.attacker.*` copies);
+- transformers image classifiers (`AutoModelForImageClassification` + their image-processor config).
+
+Files are read with safetensors or `torch.load(weights_only=True)`; nothing is ever fully unpickled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from .errors import RRMError
+from .features import classifier_name
+from .models import PixelModel, PixelPreprocess, preprocess_for
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".tar")
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+TORCHVISION_INPUT_SIZE = (3, 224, 224)
+LIBRARIES = ("timm", "torchvision")
+
+
+# ---- weight files
+
+def convert_hint(source: str) -> str:
+    """How to turn a pickled checkpoint into safetensors, in an environment that trusts it."""
+    return (f"where you trust the file, run safetensors.torch.save_file({{k: v for k, v in torch.load(f, "
+            f"weights_only=False)['model'].items() if 'attacker' not in k}}, '{Path(source).stem}.safetensors') "
+            "and pass that file")
+
+
+def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or of a `torch.save` file read with `weights_only=True`."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise RRMError(f"cannot read checkpoint '{source}' as safetensors ({err})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RRMError(f"checkpoint '{source}' holds more than tensors and would need full unpickling, which can run "
+                       f"arbitrary code; rrm-hub never unpickles untrusted files: {convert_hint(source)}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise RRMError(f"cannot read checkpoint '{source}' ({str(err).splitlines()[0][:120]}); give a safetensors "
+                       "or torch.save file") from None
+    return state_dict_in(obj, source)
+
+
+def state_dict_in(obj: object, source: str) -> dict[str, torch.Tensor]:
+    """The state dict of a loaded checkpoint: the dict itself, or the one under 'model' / 'state_dict'."""
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not state:
+        raise RRMError(f"checkpoint '{source}' holds no state dict (a dict of tensors, alone or under "
+                       f"{' / '.join(repr(k) for k in STATE_DICT_KEYS)})")
+    return state
+
+
+def split_robustness(state: dict[str, torch.Tensor]) -> tuple[dict, list[float], list[float]] | None:
+    """(model weights, mean, std) of a MadryLab `robustness` state dict; None for any other layout.
+
+    The attacker's copy of the model and both normalizers are dropped; the normalizer gives the statistics.
+    """
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not {"normalizer.new_mean", "normalizer.new_std"} <= state.keys():
+        return None
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return weights, state["normalizer.new_mean"].flatten().tolist(), state["normalizer.new_std"].flatten().tolist()
+
+
+def guess_architecture(filename: str, names: Iterable[str]) -> str | None:
+    """The longest of `names` found as whole words in the file name (`resnet50_l2_eps3.ckpt` -> resnet50)."""
+    stem = Path(filename).name.lower()
+    starts = [0] + [m.end() for m in re.finditer(r"[_-]", stem)]
+    fits = [n for n in names for i in starts if stem.startswith(n, i) and not stem[i + len(n):][:1].isalnum()]
+    return max(fits, key=len, default=None)
+
+
+def architecture_names(library: str) -> list[str]:
+    """Classifier names of `library` ('timm' or 'torchvision')."""
+    return torchvision.models.list_models(module=torchvision.models) if library == "torchvision" else timm.list_models()
+
+
+def resolve_architecture(arch: str | None, filename: str, default_library: str) -> tuple[str, str]:
+    """(library, name) from `arch` (`name`, `timm:name` or `torchvision:name`) or from the file name."""
+    library, _, name = arch.rpartition(":") if arch else ("", "", "")
+    library = library or default_library
+    if library not in LIBRARIES:
+        raise RRMError(f"architecture '{arch}': the prefix must be one of {', '.join(LIBRARIES)}")
+    names = architecture_names(library)
+    name = name or guess_architecture(filename, names)
+    if name is None:
+        raise RRMError(f"cannot tell the {library} architecture of '{filename}' from its name; "
+                       "give it with --teacher-arch (e.g. resnet50)")
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+        raise RRMError(f"{library} has no architecture '{name}' (near: {', '.join(near) or 'none'}); "
+                       "give one of its model names with --teacher-arch")
+    return library, name
+
+
+def build_architecture(library: str, name: str, num_classes: int | None, model_args: dict) -> nn.Module:
+    """An untrained classifier; `num_classes` None keeps the library's default."""
+    kwargs = {**model_args, **({"num_classes": num_classes} if num_classes else {})}
+    try:
+        if library == "timm":
+            return timm.create_model(name, pretrained=False, **kwargs)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as err:
+        raise RRMError(f"bad model kwargs for {library} '{name}': {err}") from None
+    model.num_classes = dict(model.named_modules())[classifier_name(model)].out_features
+    return model
+
+
+def _classes_in(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
+    weight = state.get(classifier_name(model) + ".weight")
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
+    """Load `state` strictly, or raise one line naming the first keys that do not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        problems = [f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise RRMError(f"checkpoint '{source}' does not fit {what}: {'; '.join(problems)}; "
+                       "give the right architecture with --teacher-arch")
+    model.load_state_dict(state, strict=False)
+
+
+def _label_names(num_classes: int) -> list[str] | None:
+    return timm.data.ImageNetInfo().label_descriptions() if num_classes == 1000 else None
+
+
+def checkpoint_teacher(
+    path: Path,
+    source: str,
+    arch: str | None = None,
+    model_args: dict | None = None,
+    num_classes: int | None = None,
+) -> PixelModel:
+    """A weight file as a `PixelModel`: `robustness` checkpoints go to torchvision, other state dicts to timm.
+
+    `arch` (`name`, `timm:name`, `torchvision:name`) defaults to a guess from the file name; `num_classes`
+    to the rows of the checkpoint's classifier. Normalization: the `robustness` normalizer, else timm's
+    pretrained config, else ImageNet's (torchvision), at 224 px for torchvision.
+    """
+    state = read_state_dict(path, source)
+    robustness = split_robustness(state)
+    library, name = resolve_architecture(arch, Path(source).name, "torchvision" if robustness else "timm")
+    if robustness:
+        state, mean, std = robustness
+    model = build_architecture(library, name, num_classes, model_args or {})
+    inferred = _classes_in(state, model)
+    if num_classes is None and inferred and inferred != model.num_classes:
+        model = build_architecture(library, name, inferred, model_args or {})
+    load_weights(model, state, f"{library} '{name}'", source)
+    if library == "timm":
+        preprocess = preprocess_for(model)
+        if robustness:
+            preprocess = PixelPreprocess(preprocess.input_size, mean, std, preprocess.interpolation)
+    else:
+        preprocess = PixelPreprocess(TORCHVISION_INPUT_SIZE, mean if robustness else IMAGENET_DEFAULT_MEAN,
+                                     std if robustness else IMAGENET_DEFAULT_STD)
+    return PixelModel(model, preprocess, _label_names(model.num_classes), source)
+
+
+# ---- transformers image classifiers
+
+class TransformersClassifier(nn.Module):
+    """A transformers image classifier as a plain module: normalized pixels in, logits out.
+
+    `get_classifier()` names the head, so the default feature layer is the input of the classifier.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_classes = int(model.config.num_labels)
+
+    def get_classifier(self) -> nn.Module:
+        head = next((getattr(self.model, n) for n in ("classifier", "cls_classifier", "head", "fc")
+                     if isinstance(getattr(self.model, n, None), nn.Module)), self.model)
+        linear = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        if not linear:
+            raise RRMError(f"{type(self.model).__name__} has no linear classifier; name a layer with --teacher-layer")
+        return linear[-1]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def is_transformers_config(config: dict) -> bool:
+    return "model_type" in config or "architectures" in config
+
+
+def _image_classifier_names() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def _check_classifier_config(config: dict, source: str, trust_remote_code: bool) -> None:
+    remote = "AutoModelForImageClassification" in config.get("auto_map", {})
+    if remote and not trust_remote_code:
+        raise RRMError(f"teacher '{source}' needs its own Python code from the repo; pass trust_remote_code=True "
+                       "(--trust-remote-code) only if you trust it")
+    architectures = config.get("architectures") or []
+    if not remote and not set(architectures) & _image_classifier_names():
+        named = ", ".join(architectures) or f"model_type '{config.get('model_type')}'"
+        raise RRMError(f"teacher '{source}' is a transformers {named}, not an image classifier "
+                       "(AutoModelForImageClassification with a trained head)")
+
+
+def _size(size: object) -> tuple[int, int] | None:
+    if isinstance(size, int):
+        return size, size
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    if get("height") and get("width"):
+        return int(get("height")), int(get("width"))
+    edge = get("shortest_edge") or get("longest_edge")
+    return (int(edge), int(edge)) if edge else None
+
+
+def processor_preprocess(folder: Path, model_config, source: str, trust_remote_code: bool) -> PixelPreprocess:
+    """Input size, normalization and resampling from the model's image processor (`preprocessor_config.json`)."""
+    from transformers import AutoImageProcessor
+
+    if not (folder / "preprocessor_config.json").exists():
+        raise RRMError(f"teacher '{source}' has no preprocessor_config.json, so its input size and normalization "
+                       "are unknown; add the image processor of the model it was trained from (save_pretrained)")
+    processor = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    image_size = getattr(model_config, "image_size", 224)
+    height, width = _size(crop) or _size(getattr(processor, "size", None)) or _size(image_size)
+    # the model sees (255 * rescale_factor * pixels - mean) / std; PixelPreprocess computes (pixels - m) / s
+    scale = 255.0 * (processor.rescale_factor if getattr(processor, "do_rescale", True) else 1.0)
+    normalize = getattr(processor, "do_normalize", True)
+    mean = processor.image_mean if normalize else [0.0]
+    std = processor.image_std if normalize else [1.0]
+    resample = getattr(processor, "resample", None)
+    bicubic = resample == 3 or "bicubic" in str(resample).lower()
+    channels = int(getattr(model_config, "num_channels", 3))
+    return PixelPreprocess((channels, height, width), [m / scale for m in mean], [s / scale for s in std],
+                           "bicubic" if bicubic else "bilinear")
+
+
+def transformers_teacher(folder: Path, config: dict, source: str, trust_remote_code: bool = False) -> PixelModel:
+    """A folder with a transformers image-classification config.json, safetensors weights and image processor."""
+    from transformers import AutoModelForImageClassification
+
+    _check_classifier_config(config, source, trust_remote_code)
+    if not any(folder.glob("*.safetensors")):
+        raise RRMError(f"teacher '{source}' has no .safetensors weights; rrm-hub does not unpickle .bin/.pth")
+    try:
+        model, info = AutoModelForImageClassification.from_pretrained(
+            str(folder), trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise RRMError(f"transformers cannot load teacher '{source}' ({str(err).splitlines()[0][:160]})") from None
+    untrained = sorted(info["missing_keys"])
+    if untrained:
+        raise RRMError(f"teacher '{source}' lacks trained weights for {len(untrained)} tensors "
+                       f"(e.g. {untrained[0]}); give a repo with a trained image-classification head")
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    preprocess = processor_preprocess(folder, model.config, source, trust_remote_code)
+    return PixelModel(TransformersClassifier(model.float()), preprocess, labels, source)

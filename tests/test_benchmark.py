@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+
+from rrm_hub import RRMStudent
+from rrm_hub.benchmark import make_objective, step_memory, time_to_target
+
+from .test_hub import _recipe
+
+
+def test_time_to_target_is_the_first_crossing():
+    curve = [{"seconds": 1.0, "robust": 0.1}, {"seconds": 2.0, "robust": 0.5}, {"seconds": 3.0, "robust": 0.4}]
+    assert time_to_target(curve, 0.45) == 2.0
+    assert time_to_target(curve, 0.6) is None
+
+
+def test_rrm_step_keeps_the_memory_of_a_natural_step(teacher):
+    """The teacher runs without a graph, so an RRM step saves no more activations than a natural one."""
+    student = RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
+                                     model_args={"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 48,
+                                                 "num_heads": 2})
+    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    natural = step_memory(student, make_objective("natural", eps=0.3, norm="linf"), x, y)
+    rrm = step_memory(student, make_objective("rrm", eps=0.3, norm="linf", teacher=teacher), x, y)
+    pgd_at = step_memory(student, make_objective("pgd_at", eps=0.3, norm="linf", attack_steps=3), x, y)
+    assert natural["saved_activation_bytes"] > 0
+    assert rrm["saved_activation_bytes"] <= 1.05 * natural["saved_activation_bytes"]
+    assert pgd_at["saved_activation_bytes"] > 1.5 * natural["saved_activation_bytes"]  # the attack graphs count
+
+
+def test_benchmark_recipe_writes_stable_keys(tmp_path):
+    report = _recipe("benchmark").main([
+        "--methods", "natural", "pgd_at", "free_at", "rrm", "--epochs", "1", "--max-steps", "2", "--replays", "2",
+        "--epoch-eval-examples", "32", "--eval-examples", "32", "--student", "resnet18", "--student-kwargs",
+        "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["ratios"] == report["ratios"]
+    for method in ("natural", "pgd_at", "free_at", "rrm"):
+        entry = saved["methods"][method]
+        for key in ("seconds_per_step", "time_to_target_seconds", "robust_accuracy", "clean_accuracy",
+                    "step_cost_vs_natural", "saved_activation_bytes", "curve"):
+            assert key in entry
+        assert entry["steps"] == 2 and 0 <= entry["robust_accuracy"] <= 1
+    assert saved["methods"]["natural"]["step_cost_vs_natural"] == 1.0
+    assert "| rrm |" in (tmp_path / "benchmark.md").read_text() and (tmp_path / "benchmark.png").exists()
+
+
+def test_unknown_method_is_refused():
+    from rrm_hub import RRMError
+
+    with pytest.raises(RRMError, match="unknown method 'sat'"):
+        make_objective("sat", eps=0.3, norm="linf")
+    with pytest.raises(RRMError, match="needs a teacher"):
+        make_objective("rrm", eps=0.3, norm="linf")

@@ -1,0 +1,223 @@
+"""Attack suites, worst-case aggregation and gradient-masking checks (rrm_hub.evaluate, recipes/evaluate.py)."""
+
+import json
+import sys
+
+import pytest
+import torch
+import torchattacks
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rrm_hub import RRMStudent, evaluate, make_loader, pgd
+from rrm_hub.evaluate import (
+    WORST_CASE,
+    GradientMaskingWarning,
+    MaskingChecks,
+    TorchAttack,
+    attack_hits,
+    check_monotone,
+    check_more_steps,
+    evaluate_suite,
+    worst_case,
+)
+
+from .conftest import ROOT, run_recipe
+
+
+class Quantized(nn.Module):
+    """Gradient masking by construction: `torch.round` on the input has zero gradient almost everywhere."""
+
+    def __init__(self, model: nn.Module, levels: int = 4):
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * self.levels) / self.levels)
+
+
+@pytest.fixture(scope="module")
+def loader(mnist):
+    return make_loader(mnist, "test", 200, limit=200)
+
+
+def test_an_undefended_model_falls_to_zero_under_pgd_and_apgd(undefended, loader):
+    attacks = {"pgd": pgd(0.3), "apgd-ce": TorchAttack("apgd-ce", 0.3, budget=20),
+               "apgd-t": TorchAttack("apgd-t", 0.3, budget=10), "apgd-l2": TorchAttack("apgd-ce", 3.0, "l2", 20)}
+    result = evaluate(undefended, loader, attacks)
+    assert result["clean_accuracy"] > 0.85
+    assert all(accuracy < 0.02 for accuracy in result["robust_accuracy"].values()), result
+
+
+def test_our_pgd_agrees_with_torchattacks_pgd(undefended, loader):
+    eps, steps = 0.1, 20
+    ours = evaluate(undefended, loader, {"pgd": pgd(eps, steps=steps)})["robust_accuracy"]["pgd"]
+    reference = torchattacks.PGD(undefended, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+    theirs = torch.cat([undefended(reference(x, y)).argmax(1) == y for x, y in loader]).float().mean().item()
+    assert 0.2 < theirs < 0.8  # a budget where the attack's strength shows
+    assert abs(ours - theirs) < 0.05
+
+
+@pytest.mark.parametrize("kind,norm,eps", [("apgd-ce", "linf", 0.1), ("apgd-t", "l2", 1.0), ("square", "linf", 0.1)])
+def test_torchattacks_wrappers_stay_in_the_ball_and_leave_the_model_alone(undefended, loader, kind, norm, eps):
+    x, y = next(iter(loader))
+    model = nn.Sequential(undefended, nn.Dropout(0.0)).train()
+    model[0].eval()  # a mixed train / eval model must come back exactly as it was
+    undefended[0].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    torch.manual_seed(3)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(3)
+    try:
+        x_adv = TorchAttack(kind, eps, norm, budget=5)(model, x, y)
+        assert [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        undefended[0].weight.requires_grad_(True)
+    assert torch.equal(torch.rand(4), expected_draw)  # torchattacks' reseeding does not leak out
+    assert model.training and not model[0].training
+    assert all(p.grad is None for p in model.parameters())
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(dim=1).values if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-4).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (undefended(x_adv).argmax(1) != y).sum() > (undefended(x).argmax(1) != y).sum()
+
+
+def marked_digits(n: int) -> TensorDataset:
+    """Toy data: pixel 0 holds the label / 10, pixel 1 the example's index mod 6 (as a tenth)."""
+    x = torch.zeros(n, 1, 2, 2)
+    y = torch.arange(n) % 10
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = y / 10, (torch.arange(n) % 6) / 10
+    return TensorDataset(x, y)
+
+
+class ReadsPixel(nn.Module):
+    """Predicts the class written in pixel 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -(10 * x[:, 0, 0, 0, None] - torch.arange(10)) ** 2
+
+
+def relabel_where(divisor: int):
+    """An attack that fools exactly the examples whose index is a multiple of `divisor`."""
+
+    def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        chosen = torch.round(x[:, 0, 0, 1] * 10).long() % divisor == 0
+        x_adv = x.clone()
+        x_adv[chosen, 0, 0, 0] = ((y[chosen] + 1) % 10) / 10
+        return x_adv
+
+    return attack
+
+
+def check_worst_case(n: int, accelerator=None) -> dict[str, float]:
+    """Attack A fools S1 (indices = 0 mod 3), B fools S2 (indices = 0 mod 2); returns the accuracies."""
+    loader = DataLoader(marked_digits(n), batch_size=8)
+    hits = attack_hits(ReadsPixel(), loader, {"A": relabel_where(3), "B": relabel_where(2)}, accelerator)
+    return {"n": hits["clean"].numel(), "clean": hits["clean"].float().mean().item(),
+            "A": hits["A"].float().mean().item(), "B": hits["B"].float().mean().item(),
+            WORST_CASE: worst_case(hits, ["A", "B"]).float().mean().item()}
+
+
+def test_worst_case_is_taken_per_example():
+    n = 60
+    result = check_worst_case(n)
+    outside_both = sum(1 for i in range(n) if i % 3 and i % 2)  # the complement of S1 | S2
+    assert result["clean"] == 1.0 and result["A"] == pytest.approx(40 / 60) and result["B"] == pytest.approx(0.5)
+    assert result[WORST_CASE] == pytest.approx(outside_both / n)
+    assert result[WORST_CASE] < min(result["A"], result["B"])  # not the best single attack's accuracy
+
+
+MULTI_PROCESS = """
+import json, os, sys
+sys.path.insert(0, ROOT)
+os.environ["ACCELERATE_USE_CPU"] = "1"  # several CPU processes under torchrun
+from accelerate import Accelerator
+from tests.test_evaluate import check_worst_case
+accelerator = Accelerator()
+result = check_worst_case(37, accelerator)
+if accelerator.is_main_process:
+    print(json.dumps({**result, "processes": accelerator.num_processes}))
+"""
+
+
+def test_two_processes_count_each_example_once(tmp_path):
+    script = tmp_path / "worst_case.py"
+    script.write_text(MULTI_PROCESS.replace("ROOT", repr(str(ROOT)), 1))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run_recipe([str(script)], launcher=launcher, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert numbers["processes"] == 2 and numbers["n"] == 37  # 37 does not split evenly: no duplicates counted
+    assert numbers[WORST_CASE] == pytest.approx(sum(1 for i in range(37) if i % 3 and i % 2) / 37)
+
+
+QUICK_CHECKS = MaskingChecks(few_steps=10, many_steps=25, probe_queries=200)
+
+
+def test_an_honest_model_passes_the_checks(undefended, mnist):
+    loader = make_loader(mnist, "test", 100, limit=100)
+    result = evaluate_suite(undefended, loader, 0.1, "linf", "standard", steps=10, queries=200, checks=QUICK_CHECKS)
+    robust = result["robust_accuracy"]
+    assert set(robust) == {"apgd-ce", "apgd-t", "square", WORST_CASE}
+    assert robust[WORST_CASE] <= min(robust["apgd-ce"], robust["apgd-t"], robust["square"])
+    assert 0.1 < robust[WORST_CASE] < result["clean_accuracy"]
+    assert set(result["checks"]) == {"large_eps", "more_steps", "black_box", "monotone_in_eps"}
+    assert all(check["passed"] for check in result["checks"].values()), result["checks"]
+    assert [p["eps"] for p in result["sweep"]] == [0.0, 0.1] and result["num_examples"] == 100
+
+
+def test_a_gradient_masked_model_looks_robust_to_pgd_but_is_caught(undefended, loader, capsys):
+    masked = Quantized(undefended)
+    with pytest.warns(GradientMaskingWarning) as warned:
+        result = evaluate_suite(masked, loader, 0.3, "linf", "pgd", checks=QUICK_CHECKS)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "'black_box' FAILED" in messages and "'large_eps' FAILED" in messages
+    assert result["robust_accuracy"]["pgd20"] > 0.8  # the undefended network underneath is at 0% here
+    assert not result["checks"]["black_box"]["passed"] and not result["checks"]["large_eps"]["passed"]
+    assert any(line.startswith("WARNING: gradient-masking check") for line in capsys.readouterr().out.splitlines())
+
+
+def test_the_steps_and_monotonicity_checks_fail_when_they_should():
+    checks = MaskingChecks()
+    rising = [{"eps": 0.0, "accuracy": 0.9}, {"eps": 0.1, "accuracy": 0.5}, {"eps": 0.2, "accuracy": 0.6}]
+    verdict = check_monotone(rising, checks, "accuracy")
+    assert not verdict["passed"] and "rises 0.1 -> 0.2" in verdict["detail"]
+    assert check_monotone(rising[:2], checks, "accuracy")["passed"]
+    few, many = torch.tensor([True, False, False, False]), torch.tensor([True, True, False, False])
+    assert not check_more_steps({"check:few-steps": few, "check:many-steps": many}, checks)["passed"]
+    assert check_more_steps({"check:few-steps": many, "check:many-steps": few}, checks)["passed"]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A small (untrained) rrm-hub student folder, so the recipe runs the full standard suite in seconds."""
+    folder = tmp_path_factory.mktemp("models") / "small"
+    torch.manual_seed(0)
+    RRMStudent.for_teacher("resnet18", feature_dim=16, num_classes=10, input_size=(1, 28, 28),
+                           model_args={"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 8)}).save_pretrained(folder)
+    return folder
+
+
+def test_recipe_writes_metrics_and_plot(tmp_path, small_model):
+    out = tmp_path / "eval"
+    args = ["recipes/evaluate.py", "--model", str(small_model), "--n-examples", "64", "--suite", "standard",
+            "--eps-sweep", "0.15", "0.3", "--output-dir", str(out)]
+    result = run_recipe(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"metrics.json", "robustness.png"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_examples"] == 64 and metrics["suite"] == "standard" and metrics["eps"] == 0.3
+    robust = metrics["robust_accuracy"]
+    assert set(robust) == {"apgd-ce", "apgd-t", "square", WORST_CASE}
+    assert robust[WORST_CASE] <= min(robust["apgd-ce"], robust["apgd-t"], robust["square"])
+    assert [p["eps"] for p in metrics["sweep"]] == [0.0, 0.15, 0.3]
+    assert metrics["sweep"][0]["accuracy"] == metrics["clean_accuracy"]
+    assert set(metrics["checks"]) == {"large_eps", "more_steps", "black_box", "monotone_in_eps"}
+    assert "worst_case" in result.stdout and "check black_box" in result.stdout
+
+
+def test_recipe_bad_input_is_one_line():
+    result = run_recipe(["recipes/evaluate.py", "--eps", "0"], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == \
+        ["error: --eps must be > 0 and --eps-sweep values >= 0"]
