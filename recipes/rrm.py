@@ -126,9 +126,9 @@ def print_summary(accelerator, metrics: dict, output_dir: Path) -> None:
         rows.append(("teacher", metrics["teacher_clean_accuracy"], metrics["teacher_robust_accuracy"]))
     attacks = list(metrics["robust_accuracy"])
     accelerator.print(f"\n{metrics['norm']} eps {metrics['eps']:g}, {metrics['num_examples']} test images")
-    accelerator.print(f"{'model':<10}{'clean':>8}" + "".join(f"{a:>10}" for a in attacks))
+    accelerator.print(f"{'model':<10}{'clean':>8}" + "".join(f"{a:>12}" for a in attacks))
     for name, clean, robust in rows:
-        accelerator.print(f"{name:<10}{clean:>8.1%}" + "".join(f"{robust[a]:>10.1%}" for a in attacks))
+        accelerator.print(f"{name:<10}{clean:>8.1%}" + "".join(f"{robust[a]:>12.1%}" for a in attacks))
     accelerator.print(f"trained in {metrics['train_seconds']:.0f}s; saved to {output_dir}")
 
 

@@ -201,7 +201,7 @@ class PixelDataset(Dataset):
 
     def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None):
         self.rows = data.train if split == "train" else data.test
-        if limit is not None and limit < len(self.rows):
+        if limit and limit < len(self.rows):  # None or 0: all
             self.rows = self.rows.select(range(limit))
         self.image_column, self.label_column = data.image_column, data.label_column
         self.mode, self.transform = data.image_mode, transform

@@ -144,8 +144,8 @@ def add_eval_args(parser: argparse.ArgumentParser, eps: float = 0.3) -> None:
     group.add_argument("--eval-steps", type=int, default=None, help="steps of the suite's gradient attacks "
                        "(default: 20 for pgd, 100 for standard)")
     group.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
-    group.add_argument("--eval-examples", type=int, default=None, help="test images for the final numbers "
-                       "(default: all)")
+    group.add_argument("--eval-examples", type=int, default=500, help="test images for the final numbers and "
+                       "the gradient-masking checks (0: all)")
     group.add_argument("--sweep-examples", type=int, default=500, help="test images for the epsilon sweep")
     group.add_argument("--epoch-eval-examples", type=int, default=256,
                        help="test images for the per-epoch check (0: no per-epoch check)")

@@ -88,3 +88,22 @@ def test_distillation_term_is_added(teacher, student):
         kd = (t * (t.log() - s)).sum(dim=1).mean() * 4.0
     assert torch.allclose(logs["kd"], kd, atol=1e-5)
     assert torch.allclose(with_kd, base + 0.5 * kd, atol=1e-5)
+
+
+@pytest.mark.parametrize("teacher_layer,student_layer", [("layer2", "blocks.0"), (None, None)])
+def test_vit_student_learns_a_cnn_teacher_layer(teacher, mnist, teacher_layer, student_layer):
+    """A ViT matched to the CNN teacher at an intermediate layer, or at the penultimate one: the mismatch falls."""
+    from accelerate import Accelerator
+
+    from rrm_hub import TrainConfig, make_loader, train
+    from rrm_hub.features import feature_width
+
+    width = feature_width(teacher, teacher.network, teacher_layer, torch.zeros(2, 1, 28, 28))
+    torch.manual_seed(0)
+    vit = RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=width, num_classes=10, input_size=(1, 28, 28),
+                                 student_layer=student_layer, model_args={"img_size": 28, "patch_size": 7, "depth": 2,
+                                                                          "embed_dim": 48, "num_heads": 2})
+    run = train(vit, RRM(teacher, teacher_layer), make_loader(mnist, "train", 64, limit=640), Accelerator(cpu=True),
+                TrainConfig(epochs=3, lr=2e-3))
+    history = [h["feat"] for h in run["history"]]
+    assert history[-1] < 0.7 * history[0]
