@@ -17,8 +17,10 @@ from accelerate.utils import set_seed
 
 from rrm_hub import flags, load_teacher, make_loader
 from rrm_hub.cards import PLOT_FILE, hardware, plot_curves, save_json
+from rrm_hub.checks import MaskingChecks
 from rrm_hub.errors import RRMError, cli
-from rrm_hub.evaluate import SUITES, WORST_CASE, MaskingChecks, evaluate_suite
+from rrm_hub.evaluate import evaluate_suite
+from rrm_hub.suites import SUITES, WORST_CASE
 
 DEFAULT_EPS = {"linf": 0.3, "l2": 2.0}  # the usual MNIST threat models
 

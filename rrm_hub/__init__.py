@@ -1,21 +1,15 @@
 """rrm-hub: transfer adversarial robustness from any robust model on the Hub into a timm student."""
 
 from .attacks import Attack, fgsm, pgd
+from .checks import GradientMaskingWarning, MaskingChecks
 from .data import EMBEDDED_MNIST, ImageData, load_image_data, make_loader
 from .errors import RRMError
-from .evaluate import (
-    GradientMaskingWarning,
-    MaskingChecks,
-    TorchAttack,
-    attack_suite,
-    eps_sweep,
-    evaluate,
-    evaluate_suite,
-)
+from .evaluate import eps_sweep, evaluate, evaluate_suite
 from .features import FeatureTap, default_layer, list_layers
 from .models import PixelModel, PixelPreprocess, create_pixel_model
 from .objectives import RRM, AdversarialTraining, Natural
 from .student import RRMStudent
+from .suites import TorchAttack, attack_suite
 from .teachers import DEFAULT_TEACHER, load_teacher
 from .train import TrainConfig, train
 

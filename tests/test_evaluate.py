@@ -10,17 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rrm_hub import RRMStudent, evaluate, make_loader, pgd
-from rrm_hub.evaluate import (
-    WORST_CASE,
-    GradientMaskingWarning,
-    MaskingChecks,
-    TorchAttack,
-    attack_hits,
-    check_monotone,
-    check_more_steps,
-    evaluate_suite,
-    worst_case,
-)
+from rrm_hub.checks import GradientMaskingWarning, MaskingChecks, check_monotone, check_more_steps
+from rrm_hub.evaluate import attack_hits, evaluate_suite
+from rrm_hub.suites import WORST_CASE, TorchAttack, worst_case
 
 from .conftest import ROOT, run_recipe
 
