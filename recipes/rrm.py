@@ -16,7 +16,7 @@ import torch
 from rrm_hub import RRM, RRMStudent, flags, make_loader, train
 from rrm_hub.cards import hardware, plot_sweeps, save_json
 from rrm_hub.errors import RRMError, cli
-from rrm_hub.evaluate import robustness_report
+from rrm_hub.evaluate import robustness_report, transfer_check
 from rrm_hub.features import default_layer, feature_width, list_layers
 
 
@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "(default: the input of the teacher's classifier)")
     group.add_argument("--ignore-teacher-labels", action="store_true",
                        help="use a teacher trained on other classes for its representation only")
+    group.add_argument("--preflight", action="store_true", help="train briefly, report whether robustness moves "
+                       "into the student (robust accuracy versus the teacher's), write preflight.json, stop")
+    group.add_argument("--preflight-steps", type=int, default=150, help="training steps of --preflight")
     group.add_argument("--list-layers", action="store_true", help="print the layers of teacher and student "
                        "with their output shapes, then stop")
     flags.add_rrm_args(parser)
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. train on clean data with the RRM loss, checking clean and PGD-10 accuracy each epoch
     objective = RRM(teacher, teacher_layer, **flags.rrm_options(args))
 
+    if args.preflight:
+        return preflight(student, objective, teacher, data, args, accelerator, output_dir)
     run = train(student, objective, flags.train_loader(data, args), accelerator, flags.train_config(args),
                 flags.epoch_check(data, args, accelerator))
     student = accelerator.unwrap_model(student).eval()
@@ -112,6 +117,25 @@ def main(argv: list[str] | None = None) -> dict:
     if args.push_to_hub and accelerator.is_main_process:
         accelerator.print(f"pushed: {flags.push(args, output_dir)}")
     return metrics
+
+
+def preflight(student, objective, teacher, data, args, accelerator, output_dir: Path) -> dict:
+    """A short run that tells in minutes whether this teacher/student pair transfers robustness."""
+    config = flags.train_config(args)
+    config.max_steps = args.preflight_steps
+    run = train(student, objective, flags.train_loader(data, args), accelerator, config)
+    loader = make_loader(data, "test", args.batch_size, limit=min(args.eval_examples or 200, 200))
+    result = transfer_check(accelerator.unwrap_model(student), teacher, loader, args.eps, args.norm, accelerator)
+    result["train_seconds"] = round(run["train_seconds"], 1)
+    for row in result["rows"]:
+        accelerator.print(f"eps {row['eps']:g}: student {row['student']:.1%}, teacher {row['teacher']:.1%} "
+                          f"(student/teacher {row['ratio']:.2f})")
+    verdict = "moving into the student" if result["moving"] else "NOT moving into the student"
+    accelerator.print(f"preflight after {run['steps']} steps ({result['train_seconds']}s): robustness is {verdict}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_json(result, output_dir / "preflight.json")
+    return result
 
 
 def print_layers(accelerator, title: str, model, network, sample) -> None:

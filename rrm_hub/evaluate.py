@@ -178,3 +178,19 @@ def robustness_report(
         report["sweep"] = eps_sweep(model, sweep_loader, default_sweep(eps), norm, 10, accelerator)
         report["sweep_examples"] = len(sweep_loader.dataset)
     return report
+
+
+def transfer_check(student: nn.Module, teacher: nn.Module, loader: DataLoader, eps: float, norm: str = "linf",
+                   accelerator: Accelerator | None = None, moving: float = 0.25) -> dict:
+    """Is robustness moving into the student? PGD-10 accuracy of student and teacher at eps/2 and eps.
+
+    `moving`: the student's robust accuracy at eps/2, as a fraction of the teacher's, above which the pair
+    is judged to transfer.
+    """
+    attacks = {f"{e:g}": pgd(e, norm, 10) for e in (eps / 2, eps)}
+    ours = evaluate(student, loader, attacks, accelerator, desc="preflight student")
+    theirs = evaluate(teacher, loader, attacks, accelerator, desc="preflight teacher")
+    rows = [{"eps": float(name), "student": ours["robust_accuracy"][name], "teacher": theirs["robust_accuracy"][name],
+             "ratio": ours["robust_accuracy"][name] / max(theirs["robust_accuracy"][name], 1e-9)} for name in attacks]
+    return {"rows": rows, "student_clean": ours["clean_accuracy"], "teacher_clean": theirs["clean_accuracy"],
+            "moving": rows[0]["ratio"] >= moving, "threshold": moving, "num_examples": ours["num_examples"]}

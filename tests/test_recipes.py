@@ -87,3 +87,15 @@ def test_readme_commands_are_the_ones_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[test]"' in readme and 'pip install -e ".[test]"' in ci
     assert "python -m pytest" in readme and "python -m pytest" in ci
+
+
+def test_preflight_reports_whether_robustness_moves(tmp_path):
+    out = tmp_path / "pre"
+    result = run_recipe(["recipes/rrm.py", "--preflight", "--preflight-steps", "3", "--eval-examples", "40",
+                         "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)",
+                         "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "preflight.json").read_text())
+    assert [row["eps"] for row in report["rows"]] == [0.15, 0.3] and report["num_examples"] == 40
+    assert report["rows"][1]["teacher"] > 0.4 and isinstance(report["moving"], bool)
+    assert "preflight after 3 steps" in result.stdout and not (out / "model.safetensors").exists()
