@@ -25,7 +25,7 @@ def parse_kwargs(pairs: list[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise RRMError(f"'{pair}' is not key=value; write e.g. --student-kwargs img_size=28 patch_size=7")
+            raise RRMError(f"'{pair}' is not key=value; write pairs such as img_size=28 patch_size=7")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -183,8 +183,21 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, script: str, 
     args = parser.parse_args(argv)
     if getattr(args, "push_to_hub", False) and not args.hub_model_id:
         raise RRMError("--push-to-hub needs --hub-model-id user/name")
+    check_counts(args)
     args.command = command_line(script, argv)
     return args
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse counts and sizes that cannot be meant (negative examples, zero steps, a negative epsilon)."""
+    for name in ("eval_examples", "sweep_examples", "epoch_eval_examples", "match_eps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise RRMError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    for name in ("eval_steps", "preflight_steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise RRMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def push(args: argparse.Namespace, output_dir) -> str:

@@ -65,6 +65,11 @@ def three_class_dataset(tmp_path_factory):
     (["--student", "vit_nonexistent_model"], "timm has no model 'vit_nonexistent_model'"),
     (["--eps", "-1"], "eps must be >= 0"),
     (["--dataset", "THREE"], "teacher predicts 10 classes but the dataset has 3"),
+    (["--eval-examples", "-5"], "--eval-examples must be >= 0"),
+    (["--eval-steps", "0"], "--eval-steps must be >= 1"),
+    (["--match-eps", "-1"], "--match-eps must be >= 0"),
+    (["--preflight", "--preflight-steps", "0"], "--preflight-steps must be >= 1"),
+    (["--student-kwargs", "img_size"], "'img_size' is not key=value"),
 ])
 def test_bad_input_gives_one_line_errors(tmp_path, three_class_dataset, args, message):
     args = [str(three_class_dataset) if a == "THREE" else a for a in args]
