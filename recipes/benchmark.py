@@ -61,14 +61,14 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     objective = make_objective(method, eps=args.eps, norm=args.norm, teacher=teacher, teacher_layer=teacher_layer,
                                attack_steps=args.attack_steps, replays=args.replays, eps_warmup=args.eps_warmup,
                                rrm_options=flags.rrm_options(args))
-    x, y = next(iter(make_loader(data, "train", args.batch_size)))
-    memory = step_memory(student, objective, x, y)
     config = flags.train_config(args)
     if method == "free_at":  # the same number of passes over the data as the others
         config.epochs = max(1, math.ceil(args.epochs / args.replays))
     run = train(student, objective, flags.train_loader(data, args), accelerator, config,
                 flags.epoch_check(data, args, accelerator))
     student = accelerator.unwrap_model(student)
+    x, y = next(iter(make_loader(data, "train", args.batch_size)))  # after training: the probe changes no state
+    memory = step_memory(student, objective, x.to(accelerator.device), y.to(accelerator.device))
     final = evaluate(student, make_loader(data, "test", args.batch_size, limit=args.eval_examples),
                      {"pgd20": pgd(args.eps, args.norm, 20)}, accelerator, desc=f"{method} pgd20")
     curve = [{"seconds": h["seconds"], "robust": h["pgd10"], "clean": h["clean"]} for h in run["history"]]
