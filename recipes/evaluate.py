@@ -13,10 +13,9 @@ import argparse
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
 from rrm_hub import flags, load_teacher, make_loader
-from rrm_hub.cards import PLOT_FILE, hardware, plot_curves, save_json
+from rrm_hub.cards import PLOT_FILE, hardware, plot_sweeps, save_json
 from rrm_hub.checks import MaskingChecks
 from rrm_hub.errors import RRMError, cli
 from rrm_hub.evaluate import evaluate_suite
@@ -63,8 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator()
-    set_seed(args.seed)  # PGD's random starts; torchattacks seeds its own
+    accelerator = flags.make_accelerator(args)  # seeds PGD's random starts; torchattacks seeds its own
 
     # 1. the model (any robust classifier taking [0, 1] pixels) and the test images
     model = load_teacher(args.model, revision=args.revision).to(accelerator.device)
@@ -86,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_json(metrics, output_dir / "metrics.json")
-        plot_curves({metrics["model"]: result["sweep"]}, output_dir / PLOT_FILE, x="eps", y="accuracy",
-                    xlabel=f"epsilon ({'L-inf' if args.norm == 'linf' else 'L2'}, [0, 1] pixels)",
+        plot_sweeps({metrics["model"]: result["sweep"]}, output_dir / PLOT_FILE, args.norm,
                     ylabel=f"accuracy, worst case of suite '{args.suite}' (%)")
     print_summary(accelerator, metrics, output_dir)
     return metrics

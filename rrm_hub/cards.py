@@ -88,9 +88,10 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, x: str, y: s
     plt.close(fig)
 
 
-def plot_sweeps(curves: dict[str, list[dict]], path: str | Path, norm: str) -> None:
+def plot_sweeps(curves: dict[str, list[dict]], path: str | Path, norm: str,
+                ylabel: str = "accuracy under PGD-10 (%)") -> None:
     """Accuracy versus epsilon, one line per model."""
-    plot_curves(curves, path, x="eps", y="accuracy", ylabel="accuracy under PGD-10 (%)",
+    plot_curves(curves, path, x="eps", y="accuracy", ylabel=ylabel,
                 xlabel=f"epsilon ({'L-inf' if norm == 'linf' else 'L2'}, [0, 1] pixels)")
 
 

@@ -245,7 +245,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     Refuses a launch that started several processes which would each train alone (accelerate's
     `--multi_gpu` on a machine without GPUs does that): duplicated work and two writers of one folder.
     """
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
+    accelerator = Accelerator(mixed_precision=getattr(args, "mixed_precision", "no"),
+                              gradient_accumulation_steps=getattr(args, "grad_accum", 1))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise RRMError(f"{os.environ['WORLD_SIZE']} processes were started but each would train alone; on CPUs "
                        "launch with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...")
