@@ -92,9 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
         **result, "method": "rrm", "match_on": args.match_on, "teacher": teacher.source,
         "teacher_layer": teacher_layer, "student": student_name, "student_args": student_args,
         "student_layer": args.student_layer or "projected penultimate", "feature_dim": feature_dim,
-        "ce_weight": args.ce_weight, "feature_weight": args.feature_weight, "feature_loss": args.feature_loss,
+        "rrm_options": flags.rrm_options(args),
         "dataset": data.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
         "steps": run["steps"], "hardware": hardware(), "num_processes": accelerator.num_processes,
+        "images_per_second": round(run["steps"] * args.batch_size * args.grad_accum * accelerator.num_processes
+                                   / max(run["train_seconds"], 1e-9), 1),
         "teacher_clean_accuracy": teacher_result["clean_accuracy"] if teacher_result else None,
         "teacher_robust_accuracy": teacher_result["robust_accuracy"] if teacher_result else None,
         "teacher_sweep": teacher_result["sweep"] if teacher_result else None,

@@ -28,10 +28,27 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * (eps / _flat_norm(delta)).clamp(max=1.0)
 
 
-def random_perturbation(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """A random perturbation inside the eps-ball: uniform for L-inf, uniform radius for L2."""
+NOISES = ("uniform", "sign", "gaussian")
+
+
+def random_perturbation(x: torch.Tensor, eps: float, norm: str, noise: str = "uniform") -> torch.Tensor:
+    """A random perturbation of size `eps`.
+
+    `noise`: "uniform" inside the eps-ball (L-inf: each pixel in [-eps, eps]; L2: a uniform radius),
+    "sign" on the ball's corners (L-inf: each pixel +-eps; L2: on the sphere), "gaussian" with standard
+    deviation `eps` per pixel (not projected).
+    """
+    if noise not in NOISES:
+        raise RRMError(f"unknown noise '{noise}'; use one of {', '.join(NOISES)}")
+    if noise == "gaussian":
+        return torch.randn_like(x) * eps
     if norm == "linf":
+        if noise == "sign":
+            return torch.randint_like(x, 0, 2).mul_(2).sub_(1).mul_(eps)
         return torch.empty_like(x).uniform_(-eps, eps)
+    if noise == "sign":
+        direction = torch.randn_like(x)
+        return direction / _flat_norm(direction) * eps
     direction = torch.randn_like(x)
     radius = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
     return direction / _flat_norm(direction) * radius * eps

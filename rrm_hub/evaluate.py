@@ -168,15 +168,18 @@ def robustness_report(
     steps: int | None = None,
     checks: bool = True,
     accelerator: Accelerator | None = None,
+    sweep_eps: Iterable[float] | None = None,
+    sweep_steps: int = 10,
 ) -> dict:
     """The numbers a card carries: `suite` at `eps` with the worst case per example, the gradient-masking
-    checks, and accuracy versus epsilon (PGD-10 on `sweep_loader`)."""
+    checks, and accuracy versus epsilon (PGD-`sweep_steps` on `sweep_loader`, at `sweep_eps` or around `eps`)."""
     report = evaluate_suite(model, test_loader, eps, norm, suite, steps=steps,
                             checks=MaskingChecks() if checks else None, accelerator=accelerator)
     report["attack_steps"] = steps or (20 if suite == "pgd" else 100)
     if sweep_loader is not None:
-        report["sweep"] = eps_sweep(model, sweep_loader, default_sweep(eps), norm, 10, accelerator)
-        report["sweep_examples"] = len(sweep_loader.dataset)
+        epsilons = default_sweep(eps) if sweep_eps is None else [0.0, *sweep_eps]
+        report["sweep"] = eps_sweep(model, sweep_loader, epsilons, norm, sweep_steps, accelerator)
+        report["sweep_examples"], report["sweep_steps"] = len(sweep_loader.dataset), sweep_steps
     return report
 
 

@@ -91,6 +91,16 @@ def add_rrm_args(parser: argparse.ArgumentParser) -> None:
                        "the mismatch")
     group.add_argument("--match-eps", type=float, default=None,
                        help="size of the noise / step for --match-on noise|adversarial (default: --eps)")
+    group.add_argument("--noise", choices=["uniform", "sign", "gaussian"], default="uniform",
+                       help="noise of --match-on noise: uniform in the eps-ball, sign (its corners), gaussian "
+                       "(standard deviation --match-eps)")
+    group.add_argument("--teacher-input", choices=["matched", "clean"], default="matched",
+                       help="what the teacher sees: the same perturbed image as the student (matched), or the "
+                       "clean image (its clean representation is the target, as in adversarial distillation)")
+    group.add_argument("--match-steps", type=int, default=1, help="signed-gradient steps of --match-on adversarial "
+                       "(1: FGSM with random start; each step costs one student forward/backward)")
+    group.add_argument("--clean-weight", type=float, default=0.0,
+                       help="also match on the clean images with this weight (the student runs on both)")
     group.add_argument("--match-eps-warmup", type=float, default=0.0,
                        help="ramp --match-eps up from 0 over this fraction of training")
     group.add_argument("--kd-weight", type=float, default=0.0, help="weight of logit distillation from the teacher")
@@ -102,7 +112,8 @@ def rrm_options(args: argparse.Namespace) -> dict:
     return {"ce_weight": args.ce_weight, "feature_weight": args.feature_weight, "kind": args.feature_loss,
             "match_on": args.match_on, "eps": args.eps if args.match_eps is None else args.match_eps,
             "norm": args.norm, "kd_weight": args.kd_weight, "temperature": args.kd_temperature,
-            "eps_warmup": args.match_eps_warmup}
+            "eps_warmup": args.match_eps_warmup, "noise": args.noise, "teacher_input": args.teacher_input,
+            "clean_weight": args.clean_weight, "steps": args.match_steps}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +158,9 @@ def add_eval_args(parser: argparse.ArgumentParser, eps: float = 0.3) -> None:
     group.add_argument("--eval-examples", type=int, default=500, help="test images for the final numbers and "
                        "the gradient-masking checks (0: all)")
     group.add_argument("--sweep-examples", type=int, default=500, help="test images for the epsilon sweep")
+    group.add_argument("--sweep-eps", type=parse_floats, default=None,
+                       help="epsilons of the sweep, comma-separated (default: 0.25, 0.5, 0.75, 1 and 1.5 x --eps)")
+    group.add_argument("--sweep-steps", type=int, default=10, help="PGD steps of the epsilon sweep")
     group.add_argument("--epoch-eval-examples", type=int, default=256,
                        help="test images for the per-epoch check (0: no per-epoch check)")
 
@@ -188,13 +202,24 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, script: str, 
     return args
 
 
+def parse_floats(text: str) -> list[float]:
+    """`0.1,0.2,0.3` -> [0.1, 0.2, 0.3] (argparse type; every value must be >= 0)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got '{text}'")
+    return values
+
+
 def check_counts(args: argparse.Namespace) -> None:
     """Refuse counts and sizes that cannot be meant (negative examples, zero steps, a negative epsilon)."""
     for name in ("eval_examples", "sweep_examples", "epoch_eval_examples", "match_eps"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    for name in ("eval_steps", "preflight_steps"):
+    for name in ("eval_steps", "preflight_steps", "sweep_steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -227,7 +252,8 @@ def epoch_check(data: ImageData, args: argparse.Namespace, accelerator: Accelera
 def report(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     """Keyword arguments of `rrm_hub.evaluate.robustness_report` from the evaluation flags."""
     return {"eps": args.eps, "norm": args.norm, "suite": args.suite, "steps": args.eval_steps,
-            "checks": not args.no_checks, "accelerator": accelerator}
+            "checks": not args.no_checks, "accelerator": accelerator, "sweep_eps": args.sweep_eps,
+            "sweep_steps": args.sweep_steps}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Attack, ascent_direction, fgsm, project, random_perturbation
+from .attacks import Attack, ascent_direction, fgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
 
@@ -135,15 +135,21 @@ class RRM:
 
     loss = ce_weight * CE + feature_weight * mismatch(z_S, z_T) [+ kd_weight * KD(logits)].
     The student must return `(logits, features)` for `model(x, return_features=True)` (see `RRMStudent`).
-    Where the representations are matched (`match_on`):
-    - "clean": on the training images, the paper's method (one student forward/backward, one teacher forward);
-    - "noise": on images plus uniform noise inside the eps-ball, for teacher and student alike;
-    - "adversarial": on images moved by one signed-gradient step (from a random start) that maximises the
-      student's mismatch; costs one more student forward/backward and teacher forward.
+    Where the representations are matched (`match_on`), and what each costs beyond a natural step:
+    - "clean": on the training images, the paper's method (one teacher forward);
+    - "noise": on images plus random `noise` of size `eps` ("uniform" in the eps-ball, "sign" on its
+      corners, "gaussian"), for teacher and student alike (one teacher forward, same as "clean");
+    - "adversarial": on images moved by `steps` signed-gradient steps (from a random start; one step is
+      FGSM-RS) that maximise the student's mismatch with the teacher's clean representation (`steps` more
+      student forward/backwards).
+    `teacher_input="clean"` gives the student's perturbed view the teacher's clean representation as target
+    (as adversarial distillation does) instead of the teacher's view of the same perturbed image.
+    `clean_weight > 0` also matches the clean images (the student runs on both: twice the batch).
     """
 
     name = "rrm"
     MATCH_ON = ("clean", "noise", "adversarial")
+    TEACHER_INPUTS = ("matched", "clean")
 
     def __init__(
         self,
@@ -158,13 +164,24 @@ class RRM:
         kd_weight: float = 0.0,
         temperature: float = 4.0,
         eps_warmup: float = 0.0,
+        noise: str = "uniform",
+        teacher_input: str = "matched",
+        clean_weight: float = 0.0,
+        steps: int = 1,
     ):
         if match_on not in self.MATCH_ON:
             raise RRMError(f"unknown --match-on '{match_on}'; use one of {', '.join(self.MATCH_ON)}")
+        if teacher_input not in self.TEACHER_INPUTS:
+            raise RRMError(f"unknown --teacher-input '{teacher_input}'; use one of {', '.join(self.TEACHER_INPUTS)}")
+        random_perturbation(torch.zeros(1), 0.0, norm, noise)  # refuses an unknown noise now, not mid-run
         self.teacher = teacher
         self.tap = FeatureTap(teacher.network, teacher_layer)
         self.ce_weight, self.feature_weight, self.kind = ce_weight, feature_weight, kind
-        self.match_on, self.eps, self.norm = match_on, eps, norm
+        self.match_on, self.eps, self.norm, self.noise = match_on, eps, norm, noise
+        self.teacher_input, self.clean_weight = teacher_input, clean_weight
+        if steps < 1:
+            raise RRMError(f"--match-steps must be >= 1, got {steps}")
+        self.steps = steps
         self.kd_weight, self.temperature = kd_weight, temperature
         self.eps_warmup, self.current_eps = eps_warmup, eps
 
@@ -179,30 +196,45 @@ class RRM:
             features = self.tap.pop()
         return logits.clone(), features.clone()  # normal tensors, usable in the student's graph
 
-    def matching_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The images on which teacher and student are matched."""
+    def matching_inputs(self, model: nn.Module, x: torch.Tensor, clean_target: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """The images on which teacher and student are matched (`clean_target`: the teacher's clean features)."""
         if self.match_on == "noise":
-            return (x + random_perturbation(x, self.current_eps, self.norm)).clamp(0, 1)
+            return (x + random_perturbation(x, self.current_eps, self.norm, self.noise)).clamp(0, 1)
         if self.match_on == "adversarial":
-            _, target = self.teacher_outputs(x)
+            if clean_target is None:
+                clean_target = self.teacher_outputs(x)[1]
             student = unwrap(model)
-            return fgsm(self.current_eps, self.norm).maximize(
-                lambda x_adv: feature_loss(student(x_adv, return_features=True)[1], target, self.kind), x)
+            attack = fgsm(self.current_eps, self.norm) if self.steps == 1 else pgd(self.current_eps, self.norm,
+                                                                                   self.steps)
+            return attack.maximize(
+                lambda x_adv: feature_loss(student(x_adv, return_features=True)[1], clean_target, self.kind), x)
         return x
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
-        x = self.matching_inputs(model, x)
-        teacher_logits, target = self.teacher_outputs(x)
-        logits, features = model(x, return_features=True)
+        perturbed = self.match_on != "clean"
+        needs_clean_teacher = not perturbed or self.match_on == "adversarial" or self.teacher_input == "clean" \
+            or self.clean_weight > 0
+        clean = self.teacher_outputs(x) if needs_clean_teacher else None
+        x_view = self.matching_inputs(model, x, clean[1] if clean else None)
+        same_as_clean = not perturbed or self.teacher_input == "clean"
+        target_logits, target = clean if same_as_clean else self.teacher_outputs(x_view)
+        both = perturbed and self.clean_weight > 0
+        logits, features = model(torch.cat([x_view, x]) if both else x_view, return_features=True)
         if features.shape[1] != target.shape[1]:
             raise RRMError(f"student features have width {features.shape[1]} but the teacher's have "
                            f"{target.shape[1]}; build the student with RRMStudent.for_teacher")
-        ce = F.cross_entropy(logits, y)
-        mismatch = feature_loss(features, target, self.kind)
-        loss = self.ce_weight * ce + self.feature_weight * mismatch
+        n = x.shape[0]
+        ce = F.cross_entropy(logits, y.repeat(2) if both else y)
+        mismatch = feature_loss(features[:n], target, self.kind)
         logs = {"ce": ce.detach(), "feat": mismatch.detach()}
+        if both:
+            clean_mismatch = feature_loss(features[n:], clean[1], self.kind)
+            mismatch = mismatch + self.clean_weight * clean_mismatch
+            logs["feat_clean"] = clean_mismatch.detach()
+        loss = self.ce_weight * ce + self.feature_weight * mismatch
         if self.kd_weight:
-            kd = distillation_loss(logits, teacher_logits, self.temperature)
+            kd = distillation_loss(logits[:n], target_logits, self.temperature)
             loss = loss + self.kd_weight * kd
             logs["kd"] = kd.detach()
         return loss, logs

@@ -107,3 +107,39 @@ def test_vit_student_learns_a_cnn_teacher_layer(teacher, mnist, teacher_layer, s
                 TrainConfig(epochs=3, lr=2e-3))
     history = [h["feat"] for h in run["history"]]
     assert history[-1] < 0.7 * history[0]
+
+
+def test_noise_kinds():
+    from rrm_hub.attacks import random_perturbation
+    from rrm_hub.errors import RRMError
+
+    x = torch.zeros(4, 1, 28, 28)
+    sign = random_perturbation(x, 0.3, "linf", "sign")
+    assert torch.allclose(sign.abs(), torch.full_like(x, 0.3)) and (sign > 0).any() and (sign < 0).any()
+    uniform = random_perturbation(x, 0.3, "linf")
+    assert uniform.abs().max() <= 0.3 and uniform.abs().min() < 0.29
+    assert abs(random_perturbation(torch.zeros(20000), 0.3, "linf", "gaussian").std() - 0.3) < 0.01
+    l2 = random_perturbation(x, 2.0, "l2", "sign").flatten(1).norm(dim=1)
+    assert torch.allclose(l2, torch.full((4,), 2.0), atol=1e-4)
+    with pytest.raises(RRMError, match="unknown noise"):
+        RRM(None, match_on="noise", noise="salt")
+
+
+def test_adversarial_matching_with_clean_targets_and_a_clean_anchor(teacher, student):
+    """teacher_input="clean": the teacher sees only clean images; clean_weight adds the clean mismatch."""
+    seen = []
+    handle = teacher.preprocess.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    student.eval()
+    objective = RRM(teacher, match_on="adversarial", eps=0.2, teacher_input="clean", clean_weight=0.5, steps=2)
+    loss, logs = objective(student, x, y)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], x)
+    assert set(logs) == {"ce", "feat", "feat_clean"}
+    expected = 0.005 * logs["ce"] + logs["feat"] + 0.5 * logs["feat_clean"]
+    assert torch.allclose(loss, expected, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(logs["feat_clean"], feature_loss(student(x, return_features=True)[1],
+                                                              objective.teacher_outputs(x)[1]), atol=1e-5)
+    with pytest.raises(Exception, match="match-steps"):
+        RRM(teacher, match_on="adversarial", steps=0)

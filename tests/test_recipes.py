@@ -104,3 +104,20 @@ def test_preflight_reports_whether_robustness_moves(tmp_path):
     assert [row["eps"] for row in report["rows"]] == [0.15, 0.3] and report["num_examples"] == 40
     assert report["rows"][1]["teacher"] > 0.4 and isinstance(report["moving"], bool)
     assert "preflight after 3 steps" in result.stdout and not (out / "model.safetensors").exists()
+
+
+def test_study_runs_each_variant_and_tabulates(tmp_path):
+    out = tmp_path / "study"
+    extra = "--max-steps 2 --epoch-eval-examples 0 --eval-examples 16 --sweep-examples 16"
+    result = run_recipe(["recipes/study.py", "--variants", "vit/noise", "cnn/adversarial", "--jobs", "2",
+                         "--sweep-eps", "0.1,0.3", "--extra", extra, "--output-dir", str(out)], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())
+    assert [r["variant"] for r in study["rows"]] == ["vit/noise", "cnn/adversarial"]
+    for row in study["rows"]:
+        assert set(row["sweep"]) == {"0.1", "0.3"} and row["steps"] == 2 and 0 <= row["clean"] <= 1
+    assert "--match-on adversarial" in study["rows"][1]["command"]
+    table = (out / "study.md").read_text()
+    assert "| cnn/adversarial |" in table and "eps 0.3" in table and (out / "study.png").exists()
+    bad = run_recipe(["recipes/study.py", "--variants", "vit/nothing", "--output-dir", str(out)])
+    assert bad.returncode != 0 and "unknown variant" in bad.stderr and "Traceback" not in bad.stderr
