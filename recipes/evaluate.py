@@ -1,6 +1,7 @@
 """Evaluate the adversarial robustness of any model rrm-hub can load, with gradient-masking checks.
 
     python recipes/evaluate.py --model <hub id or folder> --dataset <hub id> --suite standard
+    python recipes/evaluate.py --model resnet50 --checkpoint hf://org/repo/weights.safetensors --dataset <hub id>
 
 With no flags: the bundled MNIST teacher on the embedded MNIST test digits, PGD-20 at L-inf eps 0.3.
 `--suite standard` is AutoAttack's standard version (APGD-CE, APGD-T, Square): an example counts as robust
@@ -30,6 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--model", default=None, help="Hub id, rrm-hub student folder or timm-format folder "
                        "(default: the bundled teacher)")
     group.add_argument("--revision", default=None, help="Hub revision of the model")
+    group.add_argument("--checkpoint", default=None, help="weights (.safetensors/.ckpt/.pt path or "
+                       "hf://org/repo/file) for the architecture named by --model or --arch")
+    group.add_argument("--arch", default=None, help="architecture of a weight file: NAME, timm:NAME or "
+                       "torchvision:NAME (default: guessed from the file name)")
+    group.add_argument("--model-kwargs", nargs="*", default=None, help="key=value to build --arch")
+    group.add_argument("--num-classes", type=int, default=None, help="classes of a weight file (default: rows "
+                       "of its classifier)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="let transformers run the model repo's own code (only for repos you trust)")
     group.add_argument("--norm", choices=["linf", "l2"], default="linf")
     group.add_argument("--eps", type=float, default=None, help="attack budget in [0, 1] pixels (default: 0.3 "
                        "for linf, 2.0 for l2; the largest --eps-sweep value if that is given)")
@@ -65,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = flags.make_accelerator(args)  # seeds PGD's random starts; torchattacks seeds its own
 
     # 1. the model (any robust classifier taking [0, 1] pixels) and the test images
-    model = load_teacher(args.model, revision=args.revision).to(accelerator.device)
+    model = load_teacher(args.model, revision=args.revision, checkpoint=args.checkpoint, arch=args.arch,
+                         model_args=flags.parse_kwargs(args.model_kwargs), num_classes=args.num_classes,
+                         trust_remote_code=args.trust_remote_code).to(accelerator.device)
     data = flags.load_data(args)
     if model.num_classes != data.num_classes:
         raise RRMError(f"the model predicts {model.num_classes} classes but the dataset has {data.num_classes}; "

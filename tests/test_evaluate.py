@@ -213,3 +213,25 @@ def test_recipe_bad_input_is_one_line():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == \
         ["error: --eps must be > 0 and --eps-sweep values >= 0"]
+
+
+def test_recipe_evaluates_a_bare_weight_file(tmp_path):
+    """`--model ARCH --checkpoint FILE` (and `--arch` for a file spec) load the same weights as timm does."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    kwargs = ["in_chans=1", "layers=(1,1,1,1)", "channels=(8,8,8,8)"]
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1, layers=(1, 1, 1, 1), channels=(8, 8, 8, 8))
+    weights = str(tmp_path / "weights.safetensors")
+    save_file(model.state_dict(), weights)
+    out = tmp_path / "eval"
+    result = run_recipe(["recipes/evaluate.py", "--model", "resnet18", "--checkpoint", weights,
+                         "--model-kwargs", *kwargs, "--n-examples", "16", "--no-checks", "--steps", "2",
+                         "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["num_examples"] == 16
+    result = run_recipe(["recipes/evaluate.py", "--model", weights, "--arch", "resnet18",
+                         "--model-kwargs", *kwargs, "--n-examples", "16", "--no-checks", "--steps", "2",
+                         "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
