@@ -8,12 +8,18 @@ seconds spent so far, and writes to --output-dir: benchmark.json (stable keys:
 methods.<name>.seconds_per_step, .time_to_target_seconds, .robust_accuracy, .clean_accuracy, ...),
 benchmark.md (a table) and benchmark.png (robust accuracy versus wall-clock seconds).
 Time-to-target: seconds until a method first reaches --target-fraction of PGD-AT's final robust accuracy.
+
+rrm_cached matches on the clean images with the teacher's outputs computed once before training (a
+`TeacherCache`, built fresh here: its seconds count in its total and its curve, not in its seconds per step).
+The cache needs unaugmented images (--pad 0); as augmentation costs time in the data loader, its step cost is
+stated against natural training on the same unaugmented images (natural_pad0, run with it when --pad > 0 or --hflip).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -23,11 +29,15 @@ from rrm_hub.benchmark import METHODS, make_objective, step_memory, time_to_targ
 from rrm_hub.cards import hardware, plot_curves, save_json
 from rrm_hub.errors import cli
 from rrm_hub.features import default_layer, feature_width
+from rrm_hub.teacher_cache import TeacherCache
 
 QUICK = {"epochs": 8, "epoch_eval_examples": 200, "eval_examples": 500}
 CNN_STUDENT = ("resnet18", ["layers=(1,1,1,1)", "channels=(24,48,96,128)", "stem_width=24", "output_stride=8"])
 """The default student: a small CNN (narrower than the bundled teacher), where PGD-AT learns within a short
 budget; the small default ViT of recipes/rrm.py does not (PGD-AT and fast-AT stay at chance for it)."""
+REFERENCE = "natural_pad0"
+"""Natural training on unaugmented images: what rrm_cached's cost per step is measured against."""
+UNAUGMENTED = ("rrm_cached", REFERENCE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-fraction", type=float, default=0.9)
     flags.add_teacher_args(parser)
     flags.add_student_args(parser)
-    flags.add_rrm_args(parser)
+    flags.add_rrm_args(parser, cache=False)
     args = flags.parse(parser, argv, __file__, epochs=10, lr=3e-3, hub=False)
     if args.student is None:
         args.student, args.student_kwargs = CNN_STUDENT[0], args.student_kwargs or CNN_STUDENT[1]
@@ -52,27 +62,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, accelerator) -> dict:
-    """Train a fresh student with `method` and measure it."""
+def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, accelerator,
+               cache: TeacherCache | None = None, cache_seconds: float = 0.0) -> dict:
+    """Train a fresh student with `method` and measure it (`cache_seconds`: the cache's build, counted in
+    total seconds and the curve)."""
     torch.manual_seed(args.seed)
     name, student_args = flags.student_spec(args)
     student = RRMStudent.for_teacher(name, feature_dim=feature_dim, num_classes=data.num_classes,
                                      model_args=student_args, input_size=(data.channels, *data.image_size))
-    objective = make_objective(method, eps=args.eps, norm=args.norm, teacher=teacher, teacher_layer=teacher_layer,
+    objective = make_objective("natural" if method == REFERENCE else method, eps=args.eps, norm=args.norm,
+                               teacher=teacher, teacher_layer=teacher_layer,
                                attack_steps=args.attack_steps, replays=args.replays, eps_warmup=args.eps_warmup,
-                               rrm_options=flags.rrm_options(args))
+                               rrm_options=flags.rrm_options(args), cache=cache)
     config = flags.train_config(args)
     if method == "free_at":  # the same number of passes over the data as the others
         config.epochs = max(1, math.ceil(args.epochs / args.replays))
-    run = train(student, objective, flags.train_loader(data, args), accelerator, config,
-                flags.epoch_check(data, args, accelerator))
+    pad = 0 if method in UNAUGMENTED else args.pad
+    loader = (make_loader(data, "train", args.batch_size, augment=True, seed=args.seed, pad=0,
+                          num_workers=args.num_workers) if method in UNAUGMENTED else flags.train_loader(data, args))
+    run = train(student, objective, loader, accelerator, config, flags.epoch_check(data, args, accelerator))
     student = accelerator.unwrap_model(student)
     x, y = next(iter(make_loader(data, "train", args.batch_size)))  # after training: the probe changes no state
     memory = step_memory(student, objective, x.to(accelerator.device), y.to(accelerator.device))
     final = evaluate(student, make_loader(data, "test", args.batch_size, limit=args.eval_examples),
                      {"pgd20": pgd(args.eps, args.norm, 20)}, accelerator, desc=f"{method} pgd20")
-    curve = [{"seconds": h["seconds"], "robust": h["pgd10"], "clean": h["clean"]} for h in run["history"]]
-    return {"epochs": run["epochs"], "steps": run["steps"], "total_seconds": round(run["train_seconds"], 2),
+    curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
+             for h in run["history"]]
+    extra = {"cache_build_seconds": round(cache_seconds, 2)} if cache is not None else {}
+    return {"epochs": run["epochs"], "steps": run["steps"], "pad": pad,
+            "total_seconds": round(run["train_seconds"] + cache_seconds, 2), **extra,
             "seconds_per_epoch": round(run["train_seconds"] / run["epochs"], 3),
             "seconds_per_step": round(run["train_seconds"] / run["steps"], 5),
             "clean_accuracy": final["clean_accuracy"], "robust_accuracy": final["robust_accuracy"]["pgd20"],
@@ -92,10 +110,20 @@ def main(argv: list[str] | None = None) -> dict:
     feature_dim = feature_width(teacher, teacher.network, teacher_layer, sample)
 
     args.num_classes = data.num_classes
+    methods = list(args.methods)
+    if "rrm_cached" in methods and (args.pad or args.hflip) and REFERENCE not in methods:  # just before it
+        methods.insert(methods.index("rrm_cached"), REFERENCE)
     results = {}
-    for method in args.methods:
+    for method in methods:
         accelerator.print(f"--- {method}")
-        results[method] = run_method(method, args, data, teacher, teacher_layer, feature_dim, accelerator)
+        cache, cache_seconds = None, 0.0
+        if method == "rrm_cached":
+            started = time.perf_counter()
+            loader = make_loader(data, "train", args.batch_size, num_workers=args.num_workers)
+            cache = TeacherCache.build(teacher, teacher_layer, loader).to(accelerator.device)
+            cache_seconds = time.perf_counter() - started
+        results[method] = run_method(method, args, data, teacher, teacher_layer, feature_dim, accelerator, cache,
+                                     cache_seconds)
 
     summarize(results, args)
     report = {"command": args.command, "hardware": hardware(), "eps": args.eps, "norm": args.norm,
@@ -121,10 +149,12 @@ def summarize(results: dict, args) -> None:
     # a PGD-AT student no better than twice chance (a constant guess is "robust") gives no meaningful target
     args.target = round(args.target_fraction * reference, 4) if reference and reference > 2 * chance else None
     natural = results.get("natural", {}).get("seconds_per_step")
-    for result in results.values():
+    unaugmented = results.get(REFERENCE, {}).get("seconds_per_step") or natural  # else natural is unaugmented
+    for method, result in results.items():
         result["time_to_target_seconds"] = None if args.target is None else time_to_target(result["curve"],
                                                                                            args.target)
-        result["step_cost_vs_natural"] = None if not natural else round(result["seconds_per_step"] / natural, 3)
+        base = unaugmented if method in UNAUGMENTED else natural
+        result["step_cost_vs_natural"] = None if not base else round(result["seconds_per_step"] / base, 3)
 
 
 def ratios(results: dict) -> dict:
@@ -133,8 +163,10 @@ def ratios(results: dict) -> dict:
         x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
         return round(x / y, 3) if x and y else None
 
+    reference = REFERENCE if REFERENCE in results else "natural"
     return {
         "rrm_step_over_natural_step": ratio("rrm", "natural", "seconds_per_step"),
+        "rrm_cached_step_over_natural_step": ratio("rrm_cached", reference, "seconds_per_step"),
         "rrm_activation_memory_over_natural": ratio("rrm", "natural", "saved_activation_bytes"),
         "rrm_time_to_target_over_pgd_at": ratio("rrm", "pgd_at", "time_to_target_seconds"),
         "rrm_time_to_target_over_free_at": ratio("rrm", "free_at", "time_to_target_seconds"),
@@ -155,6 +187,12 @@ def markdown_table(results: dict, args) -> str:
                  f"{r['total_seconds']:.1f}", pct(r["clean_accuracy"]), pct(r["robust_accuracy"]),
                  num(r["time_to_target_seconds"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if "rrm_cached" in results:
+        reference = REFERENCE if REFERENCE in results else "natural"
+        lines.append(f"\nrrm_cached: clean matching with the teacher's outputs cached (built in "
+                     f"{results['rrm_cached']['cache_build_seconds']:.1f}s, counted in its total); it trains without "
+                     f"augmentation, so its step cost is against {reference} (natural training on the same "
+                     "unaugmented images).")
     return "\n".join(lines) + "\n"
 
 

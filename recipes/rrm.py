@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     # 4. train on clean data with the RRM loss, checking clean and PGD-10 accuracy each epoch
-    objective = RRM(teacher, teacher_layer, **flags.rrm_options(args))
+    # (--cache-teacher: the teacher's outputs on the clean training images, computed once, then looked up)
+    cache = flags.teacher_cache(args, data, teacher, teacher_layer, accelerator)
+    objective = RRM(teacher, teacher_layer, cache=cache, **flags.rrm_options(args))
 
     if args.preflight:
         return preflight(student, objective, teacher, data, args, accelerator, output_dir)
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher_layer": teacher_layer, "student": student_name, "student_args": student_args,
         "student_layer": args.student_layer or "projected penultimate", "feature_dim": feature_dim,
         "rrm_options": flags.rrm_options(args),
+        "teacher_cache": None if cache is None else {"path": str(cache.path), "reused": cache.reused},
         "dataset": data.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
         "steps": run["steps"], "hardware": hardware(), "num_processes": accelerator.num_processes,
         "images_per_second": round(run["steps"] * args.batch_size * args.grad_accum * accelerator.num_processes

@@ -8,14 +8,16 @@ from torch import nn
 from .attacks import fgsm, pgd
 from .errors import RRMError
 from .objectives import RRM, AdversarialTraining, Distillation, FreeAdversarialTraining, Natural
+from .teacher_cache import TeacherCache
 
-METHODS = ("natural", "pgd_at", "fast_at", "free_at", "kd", "rrm")
+METHODS = ("natural", "pgd_at", "fast_at", "free_at", "kd", "rrm", "rrm_cached")
+"""`rrm_cached`: RRM matching on the clean images, with the teacher's outputs looked up in a `TeacherCache`."""
 
 
 def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | None = None,
                    teacher_layer: str | None = None, attack_steps: int = 7, replays: int = 4,
-                   eps_warmup: float = 0.3, rrm_options: dict | None = None):
-    """The objective of `method` for the threat model (eps, norm)."""
+                   eps_warmup: float = 0.3, rrm_options: dict | None = None, cache: TeacherCache | None = None):
+    """The objective of `method` for the threat model (eps, norm); `rrm_cached` needs the teacher's `cache`."""
     if method == "natural":
         return Natural()
     if method == "pgd_at":
@@ -24,12 +26,17 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
         return AdversarialTraining(fgsm(eps, norm), eps_warmup=eps_warmup)
     if method == "free_at":
         return FreeAdversarialTraining(eps, norm, replays)
-    if method in ("kd", "rrm") and teacher is None:
+    if method in ("kd", "rrm", "rrm_cached") and teacher is None:
         raise RRMError(f"method '{method}' needs a teacher")
     if method == "kd":
         return Distillation(teacher)
     if method == "rrm":
         return RRM(teacher, teacher_layer, **{"eps": eps, "norm": norm, **(rrm_options or {})})
+    if method == "rrm_cached":
+        if cache is None:
+            raise RRMError("method 'rrm_cached' needs a teacher cache (rrm_hub.teacher_cache.TeacherCache)")
+        options = {"eps": eps, "norm": norm, **(rrm_options or {}), "match_on": "clean"}
+        return RRM(teacher, teacher_layer, cache=cache, **options)
     raise RRMError(f"unknown method '{method}'; use some of {', '.join(METHODS)}")
 
 

@@ -80,7 +80,7 @@ def student_spec(args: argparse.Namespace) -> tuple[str, dict]:
     return args.student or DEFAULT_STUDENT, parse_kwargs(kwargs)
 
 
-def add_rrm_args(parser: argparse.ArgumentParser) -> None:
+def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     group = parser.add_argument_group("RRM loss")
     group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
     group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
@@ -105,6 +105,32 @@ def add_rrm_args(parser: argparse.ArgumentParser) -> None:
                        help="ramp --match-eps up from 0 over this fraction of training")
     group.add_argument("--kd-weight", type=float, default=0.0, help="weight of logit distillation from the teacher")
     group.add_argument("--kd-temperature", type=float, default=4.0)
+    if cache:
+        group.add_argument("--cache-teacher", action="store_true",
+                           help="compute the teacher's outputs on the clean training images once, keep them on disk "
+                           "(reused while dataset, teacher and layer are the same) and look them up instead of "
+                           "running the teacher; needs --pad 0 and --match-on clean (or --teacher-input clean)")
+
+
+def teacher_cache(args: argparse.Namespace, data: ImageData, teacher: torch.nn.Module, layer: str,
+                  accelerator: Accelerator):
+    """The `TeacherCache` that `--cache-teacher` asks for, on the training device, or None.
+
+    The main process reads or builds and saves it first; the other processes then read its file.
+    """
+    from .teacher_cache import CLEAN_ONLY, load_or_build
+
+    if not getattr(args, "cache_teacher", False):
+        return None
+    if args.pad or args.hflip:
+        raise RRMError("--cache-teacher needs the training images unaugmented: add --pad 0 (and no --hflip), "
+                       "or drop --cache-teacher")
+    if args.match_on != "clean" and args.teacher_input == "matched":
+        raise RRMError(CLEAN_ONLY.format(match_on=args.match_on))
+    with accelerator.main_process_first():
+        cache = load_or_build(teacher, layer, data, args.batch_size, revision=args.teacher_revision,
+                              num_workers=args.num_workers, log=accelerator.print)
+    return cache.to(accelerator.device)
 
 
 def rrm_options(args: argparse.Namespace) -> dict:

@@ -18,6 +18,7 @@ from torch import nn
 from .attacks import Attack, ascent_direction, fgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
+from .teacher_cache import CLEAN_ONLY, TeacherCache
 
 Logs = dict[str, torch.Tensor]
 
@@ -145,6 +146,7 @@ class RRM:
     `teacher_input="clean"` gives the student's perturbed view the teacher's clean representation as target
     (as adversarial distillation does) instead of the teacher's view of the same perturbed image.
     `clean_weight > 0` also matches the clean images (the student runs on both: twice the batch).
+    `cache` (a `TeacherCache`) replaces the teacher's forward on the clean images by a lookup.
     """
 
     name = "rrm"
@@ -168,6 +170,7 @@ class RRM:
         teacher_input: str = "matched",
         clean_weight: float = 0.0,
         steps: int = 1,
+        cache: TeacherCache | None = None,
     ):
         if match_on not in self.MATCH_ON:
             raise RRMError(f"unknown --match-on '{match_on}'; use one of {', '.join(self.MATCH_ON)}")
@@ -184,13 +187,19 @@ class RRM:
         self.steps = steps
         self.kd_weight, self.temperature = kd_weight, temperature
         self.eps_warmup, self.current_eps = eps_warmup, eps
+        if cache is not None and match_on != "clean" and teacher_input == "matched":
+            raise RRMError(CLEAN_ONLY.format(match_on=match_on))
+        self.cache = cache
 
     def schedule(self, progress: float) -> None:
         """Called by the training loop: ramps the matching epsilon up over `eps_warmup` of training."""
         self.current_eps = self.eps * warmup_scale(progress, self.eps_warmup)
 
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's logits and representation of `x`, computed without building a graph."""
+        """The teacher's logits and representation of `x`, computed without building a graph (or looked up in
+        the cache, which `__init__` allows only where the teacher sees nothing but the clean images)."""
+        if self.cache is not None:
+            return self.cache.lookup(x)
         with torch.inference_mode():
             logits = self.teacher(x)
             features = self.tap.pop()

@@ -31,9 +31,9 @@ def test_rrm_step_keeps_the_memory_of_a_natural_step(teacher):
 
 def test_benchmark_recipe_writes_stable_keys(tmp_path):
     report = _recipe("benchmark").main([
-        "--methods", "natural", "pgd_at", "free_at", "rrm", "--epochs", "1", "--max-steps", "2", "--replays", "2",
-        "--epoch-eval-examples", "32", "--eval-examples", "32", "--student", "resnet18", "--student-kwargs",
-        "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--output-dir", str(tmp_path)])
+        "--methods", "natural", "pgd_at", "free_at", "rrm", "rrm_cached", "--epochs", "1", "--max-steps", "2",
+        "--replays", "2", "--epoch-eval-examples", "32", "--eval-examples", "32", "--student", "resnet18",
+        "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--output-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["ratios"] == report["ratios"]
     for method in ("natural", "pgd_at", "free_at", "rrm"):
@@ -43,6 +43,12 @@ def test_benchmark_recipe_writes_stable_keys(tmp_path):
             assert key in entry
         assert entry["steps"] == 2 and 0 <= entry["robust_accuracy"] <= 1
     assert saved["methods"]["natural"]["step_cost_vs_natural"] == 1.0
+    # the cache needs unaugmented images: its cost is measured against natural training on those
+    cached, reference = saved["methods"]["rrm_cached"], saved["methods"]["natural_pad0"]
+    assert cached["pad"] == reference["pad"] == 0 and saved["methods"]["natural"]["pad"] == 2
+    assert reference["step_cost_vs_natural"] == 1.0 and cached["cache_build_seconds"] > 0
+    assert cached["total_seconds"] >= cached["cache_build_seconds"] and reference["steps"] == cached["steps"] == 2
+    assert saved["ratios"]["rrm_cached_step_over_natural_step"] == cached["step_cost_vs_natural"]
     assert "| rrm |" in (tmp_path / "benchmark.md").read_text() and (tmp_path / "benchmark.png").exists()
 
 
@@ -53,3 +59,5 @@ def test_unknown_method_is_refused():
         make_objective("sat", eps=0.3, norm="linf")
     with pytest.raises(RRMError, match="needs a teacher"):
         make_objective("rrm", eps=0.3, norm="linf")
+    with pytest.raises(RRMError, match="needs a teacher cache"):
+        make_objective("rrm_cached", eps=0.3, norm="linf", teacher=torch.nn.Linear(1, 1))
