@@ -80,6 +80,31 @@ def student_spec(args: argparse.Namespace) -> tuple[str, dict]:
     return args.student or DEFAULT_STUDENT, parse_kwargs(kwargs)
 
 
+def add_match_args(group) -> None:
+    """--match (repeatable) and --match-mode, in the recipe's representation group."""
+    group.add_argument("--match", action="append", default=None, metavar="TEACHER_LAYER:STUDENT_LAYER[:WEIGHT]",
+                       help="match this pair of layers (repeatable; replaces --teacher-layer/--student-layer); "
+                       "student layer 'penultimate' (or empty) is the projected penultimate representation; "
+                       "weight default 1")
+    group.add_argument("--match-mode", choices=["pooled", "spatial"], default="pooled",
+                       help="pooled: one vector per image; spatial: maps and tokens on a common grid, cosine per "
+                       "location (pairs of two vectors stay vectors)")
+
+
+def match_pairs(args: argparse.Namespace) -> list | None:
+    """The `rrm_hub.align.Match` pairs of --match; None when the run matches the one pair of --teacher-layer /
+    --student-layer as before (with --match-mode spatial that pair becomes a match, teacher layer None)."""
+    from .align import Match, parse_match
+
+    if args.match and (args.teacher_layer or args.student_layer):
+        raise RRMError("--match replaces --teacher-layer/--student-layer; give every pair with --match only")
+    if args.match:
+        return [parse_match(text) for text in args.match]
+    if args.match_mode == "spatial":
+        return [Match(args.teacher_layer, args.student_layer)]
+    return None
+
+
 def add_rrm_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("RRM loss")
     group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
