@@ -158,7 +158,7 @@ def preflight(student, objective, teacher, data, args, accelerator, output_dir: 
 
 
 def print_layers(accelerator, title: str, model, network, sample) -> None:
-    accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer) and output shapes")
+    accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer / --match) and output shapes")
     for name, kind, shape in list_layers(model.eval(), sample, network):
         accelerator.print(f"  {name:<40} {kind:<24} {tuple(shape)}")
 
