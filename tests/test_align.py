@@ -162,3 +162,19 @@ def test_vit_student_matched_at_two_pairs_trains_saves_and_reloads(tmp_path):
     normalized = (x - torch.tensor(data["mean"]).view(1, -1, 1, 1)) / torch.tensor(data["std"]).view(1, -1, 1, 1)
     assert torch.allclose(plain(normalized), logits, atol=1e-5)
     assert not any("aligners" in key for key in plain.state_dict())
+
+
+def test_without_match_the_single_pair_stays_as_before_unless_spatial():
+    from argparse import Namespace
+
+    from rrm_hub import flags
+
+    args = Namespace(match=None, teacher_layer="layer2", student_layer="blocks.1", match_mode="pooled")
+    assert flags.match_pairs(args) is None  # the run builds exactly what it built before --match existed
+    args.match_mode = "spatial"
+    assert flags.match_pairs(args) == [Match("layer2", "blocks.1", 1.0)]
+    args.match, args.student_layer = ["layer2:blocks.1:2"], None
+    with pytest.raises(RRMError, match="--match replaces"):
+        flags.match_pairs(args)
+    args.teacher_layer = None
+    assert flags.match_pairs(args) == [Match("layer2", "blocks.1", 2.0)]
