@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rrm_hub import RRM, RRMStudent, flags, make_loader, train
+from rrm_hub.align import PENULTIMATE, Match, teacher_pairs
 from rrm_hub.cards import hardware, plot_sweeps, save_json
 from rrm_hub.errors import RRMError, cli
 from rrm_hub.evaluate import robustness_report, transfer_check
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("representations")
     group.add_argument("--teacher-layer", default=None, help="module name, or NAME@input for a module's input "
                        "(default: the input of the teacher's classifier)")
+    flags.add_match_args(group)
     group.add_argument("--ignore-teacher-labels", action="store_true",
                        help="use a teacher trained on other classes for its representation only")
     group.add_argument("--preflight", action="store_true", help="train briefly, report whether robustness moves "
@@ -35,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--list-layers", action="store_true", help="print the layers of teacher and student "
                        "with their output shapes, then stop")
     flags.add_rrm_args(parser)
-    return flags.parse(parser, argv, __file__, epochs=30, lr=1e-3)
+    return flags.parse(parser, argv, __file__, epochs=60, lr=1e-3)
 
 
 @cli
@@ -54,7 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not labels_match and not args.ignore_teacher_labels:
         raise RRMError(f"the teacher predicts {teacher.num_classes} classes but the dataset has {data.num_classes}; "
                        "pass --ignore-teacher-labels to use its representation only")
-    teacher_layer = args.teacher_layer or default_layer(teacher.network)
+    matches, pairs = flags.match_pairs(args), None  # None: one pair, --teacher-layer / --student-layer
+    if matches:
+        matches = [m if m.teacher_layer else Match(default_layer(teacher.network), m.student_layer, m.weight)
+                   for m in matches]
+        pairs = teacher_pairs(teacher, teacher.network, matches, args.match_mode, sample.to(accelerator.device))
+    # the projection the classifier reads has the width of the teacher layer matched to the penultimate one
+    penultimate = [m.teacher_layer for m in matches or [] if m.student_layer is None]
+    teacher_layer = (penultimate[0] if penultimate else None) or args.teacher_layer or default_layer(teacher.network)
     feature_dim = feature_width(teacher, teacher.network, teacher_layer, sample.to(accelerator.device))
     accelerator.print(f"teacher {teacher.source}: layer '{teacher_layer}', width {feature_dim}")
 
@@ -62,8 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
     student_name, student_args = flags.student_spec(args)
     student = RRMStudent.for_teacher(
         student_name, feature_dim=feature_dim, num_classes=data.num_classes, model_args=student_args,
-        input_size=(data.channels, *data.image_size), student_layer=args.student_layer,
-        label_names=data.class_names, teacher=teacher.source, teacher_layer=teacher_layer)
+        input_size=(data.channels, *data.image_size), student_layer=None if pairs else args.student_layer,
+        pairs=pairs, label_names=data.class_names, teacher=teacher.source, teacher_layer=teacher_layer)
+    for pair in student.pairs:
+        grid = f"on a {pair['grid'][0]}x{pair['grid'][1]} grid" if pair["grid"] else "as vectors"
+        accelerator.print(f"match {pair['teacher_layer']}:{pair['student_layer'] or PENULTIMATE} "
+                          f"(weight {pair['weight']:g}, teacher {tuple(pair['teacher_shape'])}, {grid})")
 
     if args.list_layers:
         print_layers(accelerator, f"teacher {teacher.source}", teacher, teacher.network, sample.to(accelerator.device))
@@ -73,14 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. train on clean data with the RRM loss, checking clean and PGD-10 accuracy each epoch
     # (--cache-teacher: the teacher's outputs on the clean training images, computed once, then looked up)
     cache = flags.teacher_cache(args, data, teacher, teacher_layer, accelerator)
-    objective = RRM(teacher, teacher_layer, cache=cache, **flags.rrm_options(args))
+    objective = (RRM(teacher, pairs=student.pairs, cache=cache, **flags.rrm_options(args)) if student.pairs
+                 else RRM(teacher, teacher_layer, cache=cache, **flags.rrm_options(args)))
 
     if args.preflight:
         return preflight(student, objective, teacher, data, args, accelerator, output_dir)
     run = train(student, objective, flags.train_loader(data, args), accelerator, flags.train_config(args),
                 flags.epoch_check(data, args, accelerator))
     student = accelerator.unwrap_model(student).eval()
-    objective.tap.remove()
+    objective.remove()
 
     # 5. evaluate student and teacher the same way
     test_loader = make_loader(data, "test", args.batch_size, limit=args.eval_examples)
@@ -92,8 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     # 6. save a Hub-ready folder: weights (RRMStudent + plain timm), config, card, metrics, plot
     metrics = {
         **result, "method": "rrm", "match_on": args.match_on, "teacher": teacher.source,
-        "teacher_layer": teacher_layer, "student": student_name, "student_args": student_args,
-        "student_layer": args.student_layer or "projected penultimate", "feature_dim": feature_dim,
+        "teacher_layer": ", ".join(p["teacher_layer"] for p in student.pairs) if student.pairs else teacher_layer,
+        "student": student_name, "student_args": student_args,
+        "student_layer": (", ".join(p["student_layer"] or "projected penultimate" for p in student.pairs)
+                          if student.pairs else args.student_layer or "projected penultimate"),
+        "feature_dim": feature_dim, "pairs": student.pairs or None,
         "rrm_options": flags.rrm_options(args),
         "teacher_cache": None if cache is None else {"path": str(cache.path), "reused": cache.reused},
         "dataset": data.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
@@ -144,7 +161,7 @@ def preflight(student, objective, teacher, data, args, accelerator, output_dir: 
 
 
 def print_layers(accelerator, title: str, model, network, sample) -> None:
-    accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer) and output shapes")
+    accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer / --match) and output shapes")
     for name, kind, shape in list_layers(model.eval(), sample, network):
         accelerator.print(f"  {name:<40} {kind:<24} {tuple(shape)}")
 

@@ -34,6 +34,7 @@ STUDENTS = {
             "stem_width=24", "output_stride=8", "--lr", "3e-3"],
 }
 MATCHING = {
+    "default": [],  # recipes/rrm.py's defaults
     "clean": ["--match-on", "clean"],  # the paper's method
     "noise": ["--match-on", "noise"],
     "sign-noise": ["--match-on", "noise", "--noise", "sign"],

@@ -83,10 +83,14 @@ class FeatureTap:
 
     def pop(self) -> torch.Tensor:
         """The features recorded by the last forward pass, pooled to (B, D)."""
+        return pool(self.pop_raw())
+
+    def pop_raw(self):
+        """The features recorded by the last forward pass, as the module saw or returned them."""
         if self._output is None:
             raise RuntimeError(f"layer '{self.layer}' was not run by the last forward pass")
         output, self._output = self._output, None
-        return pool(output)
+        return output
 
     def remove(self) -> None:
         self._handle.remove()

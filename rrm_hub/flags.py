@@ -80,28 +80,54 @@ def student_spec(args: argparse.Namespace) -> tuple[str, dict]:
     return args.student or DEFAULT_STUDENT, parse_kwargs(kwargs)
 
 
+def add_match_args(group) -> None:
+    """--match (repeatable) and --match-mode, in the recipe's representation group."""
+    group.add_argument("--match", action="append", default=None, metavar="TEACHER_LAYER:STUDENT_LAYER[:WEIGHT]",
+                       help="match this pair of layers (repeatable; replaces --teacher-layer/--student-layer); "
+                       "student layer 'penultimate' (or empty) is the projected penultimate representation; "
+                       "weight default 1")
+    group.add_argument("--match-mode", choices=["pooled", "spatial"], default="pooled",
+                       help="pooled: one vector per image; spatial: maps and tokens on a common grid, cosine per "
+                       "location (pairs of two vectors stay vectors)")
+
+
+def match_pairs(args: argparse.Namespace) -> list | None:
+    """The `rrm_hub.align.Match` pairs of --match; None when the run matches the one pair of --teacher-layer /
+    --student-layer as before (with --match-mode spatial that pair becomes a match, teacher layer None)."""
+    from .align import Match, parse_match
+
+    if args.match and (args.teacher_layer or args.student_layer):
+        raise RRMError("--match replaces --teacher-layer/--student-layer; give every pair with --match only")
+    if args.match:
+        return [parse_match(text) for text in args.match]
+    if args.match_mode == "spatial":
+        return [Match(args.teacher_layer, args.student_layer)]
+    return None
+
+
 def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     group = parser.add_argument_group("RRM loss")
     group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
     group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
     group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
-    group.add_argument("--match-on", choices=["clean", "noise", "adversarial"], default="noise",
-                       help="noise (default): inputs plus uniform noise in the eps-ball, for teacher and student; "
-                       "clean: the paper's method; adversarial: inputs moved one signed-gradient step to maximise "
-                       "the mismatch")
+    group.add_argument("--match-on", choices=["clean", "noise", "adversarial"], default="adversarial",
+                       help="adversarial (default): student inputs moved by one signed-gradient step (FGSM with a "
+                       "random start) that maximises the mismatch, one more student forward/backward per step; "
+                       "clean: the paper's method; noise: inputs plus random noise (--noise) in the eps-ball")
     group.add_argument("--match-eps", type=float, default=None,
                        help="size of the noise / step for --match-on noise|adversarial (default: --eps)")
     group.add_argument("--noise", choices=["uniform", "sign", "gaussian"], default="uniform",
                        help="noise of --match-on noise: uniform in the eps-ball, sign (its corners), gaussian "
                        "(standard deviation --match-eps)")
-    group.add_argument("--teacher-input", choices=["matched", "clean"], default="matched",
+    group.add_argument("--teacher-input", choices=["auto", "matched", "clean"], default="auto",
                        help="what the teacher sees: the same perturbed image as the student (matched), or the "
-                       "clean image (its clean representation is the target, as in adversarial distillation)")
+                       "clean image (its clean representation is the target, as in adversarial distillation); "
+                       "auto: clean for --match-on adversarial, matched otherwise (the better of each in our study)")
     group.add_argument("--match-steps", type=int, default=1, help="signed-gradient steps of --match-on adversarial "
                        "(1: FGSM with random start; each step costs one student forward/backward)")
     group.add_argument("--clean-weight", type=float, default=0.0,
                        help="also match on the clean images with this weight (the student runs on both)")
-    group.add_argument("--match-eps-warmup", type=float, default=0.0,
+    group.add_argument("--match-eps-warmup", type=float, default=0.5,
                        help="ramp --match-eps up from 0 over this fraction of training")
     group.add_argument("--kd-weight", type=float, default=0.0, help="weight of logit distillation from the teacher")
     group.add_argument("--kd-temperature", type=float, default=4.0)
@@ -125,7 +151,7 @@ def teacher_cache(args: argparse.Namespace, data: ImageData, teacher: torch.nn.M
     if args.pad or args.hflip:
         raise RRMError("--cache-teacher needs the training images unaugmented: add --pad 0 (and no --hflip), "
                        "or drop --cache-teacher")
-    if args.match_on != "clean" and args.teacher_input == "matched":
+    if args.match_on != "clean" and teacher_input(args) == "matched":
         raise RRMError(CLEAN_ONLY.format(match_on=args.match_on))
     with accelerator.main_process_first():
         cache = load_or_build(teacher, layer, data, args.batch_size, revision=args.teacher_revision,
@@ -133,12 +159,19 @@ def teacher_cache(args: argparse.Namespace, data: ImageData, teacher: torch.nn.M
     return cache.to(accelerator.device)
 
 
+def teacher_input(args: argparse.Namespace) -> str:
+    """--teacher-input, with auto resolved: the clean image for adversarial matching, the matched one otherwise."""
+    if args.teacher_input != "auto":
+        return args.teacher_input
+    return "clean" if args.match_on == "adversarial" else "matched"
+
+
 def rrm_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of `rrm_hub.RRM` from the RRM loss flags."""
     return {"ce_weight": args.ce_weight, "feature_weight": args.feature_weight, "kind": args.feature_loss,
             "match_on": args.match_on, "eps": args.eps if args.match_eps is None else args.match_eps,
             "norm": args.norm, "kd_weight": args.kd_weight, "temperature": args.kd_temperature,
-            "eps_warmup": args.match_eps_warmup, "noise": args.noise, "teacher_input": args.teacher_input,
+            "eps_warmup": args.match_eps_warmup, "noise": args.noise, "teacher_input": teacher_input(args),
             "clean_weight": args.clean_weight, "steps": args.match_steps}
 
 

@@ -4,7 +4,8 @@
 - `AdversarialTraining`: cross-entropy on attacked images (PGD-AT with `pgd`, fast-AT with `fgsm`).
 - `FreeAdversarialTraining`: free-AT, minibatch replays with a persistent perturbation.
 - `Distillation`: logit distillation from the teacher (KD).
-- `RRM`: Robust Representation Matching, `w_ce * CE + w_feat * (1 - cos(z_S, z_T))`.
+- `RRM`: Robust Representation Matching, `w_ce * CE + w_feat * (1 - cos(z_S, z_T))`, at one or several
+  pairs of layers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import align
 from .attacks import Attack, ascent_direction, fgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
@@ -111,7 +113,10 @@ class Distillation:
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
-    """Mismatch of two (B, D) representations: `1 - cos` averaged over the batch, or mean squared error."""
+    """Mismatch of two (B, D) representations: `1 - cos` averaged over the batch, or mean squared error.
+
+    For two (B, C, h, w) maps the cosine is taken over C at each location and averaged over locations and batch.
+    """
     if kind == "cosine":
         return 1 - F.cosine_similarity(student.float(), teacher.float(), dim=1).mean()
     if kind == "l2":
@@ -147,6 +152,8 @@ class RRM:
     (as adversarial distillation does) instead of the teacher's view of the same perturbed image.
     `clean_weight > 0` also matches the clean images (the student runs on both: twice the batch).
     `cache` (a `TeacherCache`) replaces the teacher's forward on the clean images by a lookup.
+    `pairs` (the student's `RRMStudent.pairs`) matches several layers instead of `teacher_layer`: one hook
+    per teacher layer, mismatch = sum_i weight_i * mismatch_i, each pair logged as "feat/<teacher>:<student>".
     """
 
     name = "rrm"
@@ -171,14 +178,23 @@ class RRM:
         clean_weight: float = 0.0,
         steps: int = 1,
         cache: TeacherCache | None = None,
+        pairs: list[dict] | None = None,
     ):
         if match_on not in self.MATCH_ON:
             raise RRMError(f"unknown --match-on '{match_on}'; use one of {', '.join(self.MATCH_ON)}")
         if teacher_input not in self.TEACHER_INPUTS:
             raise RRMError(f"unknown --teacher-input '{teacher_input}'; use one of {', '.join(self.TEACHER_INPUTS)}")
         random_perturbation(torch.zeros(1), 0.0, norm, noise)  # refuses an unknown noise now, not mid-run
+        if pairs and teacher_layer:
+            raise RRMError("give either a teacher layer or matched pairs, not both")
         self.teacher = teacher
-        self.tap = FeatureTap(teacher.network, teacher_layer)
+        self.pairs = [dict(pair) for pair in pairs] if pairs else []
+        layers = [pair["teacher_layer"] for pair in self.pairs] or [teacher_layer]
+        self.taps = {}
+        for layer in layers:
+            if layer not in self.taps:
+                self.taps[layer] = FeatureTap(teacher.network, layer)
+        self.tap = self.taps[layers[0]]
         self.ce_weight, self.feature_weight, self.kind = ce_weight, feature_weight, kind
         self.match_on, self.eps, self.norm, self.noise = match_on, eps, norm, noise
         self.teacher_input, self.clean_weight = teacher_input, clean_weight
@@ -187,6 +203,8 @@ class RRM:
         self.steps = steps
         self.kd_weight, self.temperature = kd_weight, temperature
         self.eps_warmup, self.current_eps = eps_warmup, eps
+        if cache is not None and self.pairs:
+            raise RRMError("--cache-teacher keeps one teacher layer; drop --match or --cache-teacher")
         if cache is not None and match_on != "clean" and teacher_input == "matched":
             raise RRMError(CLEAN_ONLY.format(match_on=match_on))
         self.cache = cache
@@ -202,8 +220,40 @@ class RRM:
             return self.cache.lookup(x)
         with torch.inference_mode():
             logits = self.teacher(x)
-            features = self.tap.pop()
-        return logits.clone(), features.clone()  # normal tensors, usable in the student's graph
+            features = self.teacher_features()
+        clone = tuple(f.clone() for f in features) if isinstance(features, tuple) else features.clone()
+        return logits.clone(), clone  # normal tensors, usable in the student's graph
+
+    def teacher_features(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What the taps recorded in the last teacher forward: pooled (B, D) features, or one view per pair."""
+        if not self.pairs:
+            return self.tap.pop()
+        network = self.teacher.network
+        raw = {layer: tap.pop_raw() for layer, tap in self.taps.items()}
+        prefix, nhwc = getattr(network, "num_prefix_tokens", None), align.channels_last(network)
+        return tuple(align.view(raw[p["teacher_layer"]], p["mode"], p.get("grid"), prefix, nhwc, p["teacher_layer"])
+                     for p in self.pairs)
+
+    def mismatch(self, features, targets) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The weighted sum of the pairs' mismatches, and each pair's own."""
+        features = list(features) if isinstance(features, (tuple, list)) else [features]
+        targets = list(targets) if isinstance(targets, (tuple, list)) else [targets]
+        if len(features) != len(targets):
+            raise RRMError(f"the student returns {len(features)} matched representations but the objective "
+                           f"matches {len(targets)} layers; build both from the same pairs")
+        for feature, target in zip(features, targets, strict=True):
+            if feature.shape[1:] != target.shape[1:]:
+                raise RRMError(f"student features have shape {tuple(feature.shape[1:])} but the teacher's have "
+                               f"{tuple(target.shape[1:])}; build the student with RRMStudent.for_teacher")
+        parts = [feature_loss(f, t, self.kind) for f, t in zip(features, targets, strict=True)]
+        weights = [pair["weight"] for pair in self.pairs] or [1.0]
+        total = sum(w * part for w, part in zip(weights, parts, strict=True))
+        return total, parts
+
+    def remove(self) -> None:
+        """Remove the hooks from the teacher."""
+        for tap in self.taps.values():
+            tap.remove()
 
     def matching_inputs(self, model: nn.Module, x: torch.Tensor, clean_target: torch.Tensor | None = None
                         ) -> torch.Tensor:
@@ -217,7 +267,7 @@ class RRM:
             attack = fgsm(self.current_eps, self.norm) if self.steps == 1 else pgd(self.current_eps, self.norm,
                                                                                    self.steps)
             return attack.maximize(
-                lambda x_adv: feature_loss(student(x_adv, return_features=True)[1], clean_target, self.kind), x)
+                lambda x_adv: self.mismatch(student(x_adv, return_features=True)[1], clean_target)[0], x)
         return x
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
@@ -230,15 +280,16 @@ class RRM:
         target_logits, target = clean if same_as_clean else self.teacher_outputs(x_view)
         both = perturbed and self.clean_weight > 0
         logits, features = model(torch.cat([x_view, x]) if both else x_view, return_features=True)
-        if features.shape[1] != target.shape[1]:
-            raise RRMError(f"student features have width {features.shape[1]} but the teacher's have "
-                           f"{target.shape[1]}; build the student with RRMStudent.for_teacher")
         n = x.shape[0]
+        many = isinstance(features, (tuple, list))
         ce = F.cross_entropy(logits, y.repeat(2) if both else y)
-        mismatch = feature_loss(features[:n], target, self.kind)
+        mismatch, parts = self.mismatch([f[:n] for f in features] if many else features[:n], target)
         logs = {"ce": ce.detach(), "feat": mismatch.detach()}
+        if self.pairs:
+            logs.update({f"feat/{pair['teacher_layer']}:{pair['student_layer'] or align.PENULTIMATE}": part.detach()
+                         for pair, part in zip(self.pairs, parts, strict=True)})
         if both:
-            clean_mismatch = feature_loss(features[n:], clean[1], self.kind)
+            clean_mismatch = self.mismatch([f[n:] for f in features] if many else features[n:], clean[1])[0]
             mismatch = mismatch + self.clean_weight * clean_mismatch
             logs["feat_clean"] = clean_mismatch.detach()
         loss = self.ce_weight * ce + self.feature_weight * mismatch

@@ -5,7 +5,8 @@ One `save_pretrained` folder serves three loaders:
   an extra `rrm` section;
 - `model.safetensors` holds plain timm weights, projection and classifier folded into one linear head
   (exact, as there is no nonlinearity between them), for `timm.create_model("hf-hub:...")`;
-- `rrm_head.safetensors` holds the projection and classifier themselves, for `RRMStudent`.
+- `rrm_head.safetensors` holds the projection and classifier themselves, and the learned projections
+  (`aligners`) of matched layer pairs, for `RRMStudent`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import align
 from .errors import RRMError
 from .features import FeatureTap, classifier_name, pool
 from .models import PixelPreprocess, data_config, per_channel
@@ -48,6 +50,10 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
 
     `forward(pixels, return_features=True)` also returns the representation matched to the teacher:
     the projected penultimate features, or the projection of `student_layer`'s output when one is set.
+    With matched pairs (config `rrm.pairs`, see `rrm_hub.align`) it returns a list, one tensor per pair:
+    a vector (B, D_teacher) for a pooled pair, a map (B, C_teacher, h, w) on the common grid for a spatial
+    one. `aligners[str(i)]` projects pair i to the teacher's width (a linear layer, or a 1x1 convolution for
+    a spatial pair); a penultimate pair whose teacher width is `feature_dim` uses the projection itself.
     """
 
     def __init__(self, config: dict, pretrained_backbone: bool = False):
@@ -62,6 +68,9 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         self.proj = nn.Linear(width, rrm["feature_dim"])
         self.head = nn.Linear(rrm["feature_dim"], self.config["num_classes"])
         self.layer_proj = nn.Linear(layer_width, rrm["feature_dim"]) if self.student_layer else None
+        self.pairs: list[dict] = rrm.get("pairs") or []
+        if self.pairs:
+            self.aligners = self._build_aligners()
 
     @classmethod
     def for_teacher(
@@ -73,6 +82,7 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         model_args: dict | None = None,
         input_size: tuple[int, int, int] | None = None,
         student_layer: str | None = None,
+        pairs: list[dict] | None = None,
         label_names: list[str] | None = None,
         teacher: str | None = None,
         teacher_layer: str | None = None,
@@ -80,8 +90,12 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
     ) -> RRMStudent:
         """A student whose matched representation has the teacher's width `feature_dim`.
 
-        The backbone's own width (and `student_layer`'s) is found by one dry forward pass.
+        The backbone's own width (and `student_layer`'s) is found by one dry forward pass. `pairs` instead
+        match several layers: dicts with `teacher_layer`, `student_layer` (None: penultimate), `weight`, `mode`
+        and `teacher_shape` (see `rrm_hub.align.view_shape`); the dry run adds each pair's common `grid`.
         """
+        if pairs and student_layer:
+            raise RRMError("give either student_layer or pairs, not both")
         model_args = dict(model_args or {})
         if input_size is not None:
             model_args.setdefault("in_chans", input_size[0])
@@ -113,6 +127,8 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
                 "teacher_layer": teacher_layer,
             },
         }
+        if pairs:
+            config["rrm"]["pairs"] = [dict(pair) for pair in pairs]
         return cls(config, pretrained_backbone=pretrained_backbone)
 
     @torch.no_grad()
@@ -129,6 +145,61 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
                 tap.remove()
             self.backbone.train(was_training)
         return width, layer_width
+
+    def _layer_taps(self) -> dict[str, FeatureTap]:
+        layers = {pair["student_layer"] for pair in self.pairs if pair["student_layer"]}
+        return {layer: FeatureTap(self.backbone, layer) for layer in sorted(layers)}
+
+    def _pair_features(self, projected: torch.Tensor, taps: dict[str, FeatureTap]) -> list:
+        raw = {layer: tap.pop_raw() for layer, tap in taps.items()}
+        return [projected if pair["student_layer"] is None else raw[pair["student_layer"]] for pair in self.pairs]
+
+    @torch.no_grad()
+    def _build_aligners(self) -> nn.ModuleDict:
+        """One projection per pair, sized by a dry forward pass; fills in each pair's `grid`."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        taps = self._layer_taps()
+        try:
+            projected = self.proj(pool(self.backbone(self.preprocess(torch.zeros(2, *self.preprocess.input_size)))))
+            features = self._pair_features(projected, taps)
+        finally:
+            for tap in taps.values():
+                tap.remove()
+            self.backbone.train(was_training)
+        aligners = nn.ModuleDict()
+        for i, (pair, raw) in enumerate(zip(self.pairs, features, strict=True)):
+            match = align.Match(pair["teacher_layer"], pair["student_layer"], pair.get("weight", 1.0))
+            shape = align.view_shape(raw, pair["mode"], self.prefix_tokens, align.channels_last(self.backbone),
+                                     match.student_layer or align.PENULTIMATE)
+            teacher_shape = list(pair["teacher_shape"])
+            pair["grid"] = align.common_grid(match, pair["mode"], teacher_shape, shape)
+            if pair["grid"] is None:
+                pair["mode"] = "pooled"  # two vectors: nothing spatial to match
+            if pair["grid"] is not None:
+                aligners[str(i)] = nn.Conv2d(shape[0], teacher_shape[0], kernel_size=1)
+            elif pair["student_layer"] is None and shape[0] == teacher_shape[0]:
+                aligners[str(i)] = nn.Identity()  # the projection the classifier reads is the match
+            else:
+                aligners[str(i)] = nn.Linear(shape[0], teacher_shape[0])
+        return aligners
+
+    @property
+    def prefix_tokens(self) -> int | None:
+        """Class/register tokens ahead of the patch tokens (timm ViTs say so; None: infer from the count)."""
+        return getattr(self.backbone, "num_prefix_tokens", None)
+
+    def _matched(self, features: list) -> list[torch.Tensor]:
+        nhwc = align.channels_last(self.backbone)
+        out = []
+        for i, (pair, raw) in enumerate(zip(self.pairs, features, strict=True)):
+            grid = pair["grid"]
+            if grid is None:
+                out.append(self.aligners[str(i)](align.to_vector(raw, nhwc)))
+            else:  # pool to the common grid first, then the 1x1 projection (the same, as both are linear)
+                out.append(self.aligners[str(i)](align.view(raw, "spatial", tuple(grid), self.prefix_tokens, nhwc,
+                                                            pair["student_layer"] or "")))
+        return out
 
     @property
     def num_classes(self) -> int:
@@ -147,7 +218,15 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         return self.head
 
     def forward(self, pixels: torch.Tensor, return_features: bool = False):
-        if self.student_layer and return_features:
+        if self.pairs and return_features:
+            taps = self._layer_taps()
+            try:
+                projected = self.proj(pool(self.backbone(self.preprocess(pixels))))
+                features = self._matched(self._pair_features(projected, taps))
+            finally:
+                for tap in taps.values():
+                    tap.remove()
+        elif self.student_layer and return_features:
             with FeatureTap(self.backbone, self.student_layer) as tap:
                 projected = self.proj(pool(self.backbone(self.preprocess(pixels))))
                 features = self.layer_proj(tap.pop())

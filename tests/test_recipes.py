@@ -70,6 +70,9 @@ def three_class_dataset(tmp_path_factory):
     (["--match-eps", "-1"], "--match-eps must be >= 0"),
     (["--preflight", "--preflight-steps", "0"], "--preflight-steps must be >= 1"),
     (["--student-kwargs", "img_size"], "'img_size' is not key=value"),
+    (["--match", "layer2:blocks.0", "--teacher-layer", "layer2"], "--match replaces --teacher-layer/--student-layer"),
+    (["--match", "layer2"], "--match 'layer2' is not TEACHER_LAYER:STUDENT_LAYER[:WEIGHT]"),
+    (["--match", "fc@input:blocks.0", "--match-mode", "spatial"], "the teacher layer 'fc@input' is a vector"),
 ])
 def test_bad_input_gives_one_line_errors(tmp_path, three_class_dataset, args, message):
     args = [str(three_class_dataset) if a == "THREE" else a for a in args]
