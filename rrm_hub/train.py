@@ -162,7 +162,7 @@ def train(
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process,
                     leave=False)
     stopping = False
-    with _StopRequest(root is not None) as stop:
+    with _StopRequest(root is not None) as stop, progress:  # the bar closes before any message
         for epoch in range(state["epoch"], epochs):
             model.train()
             loader.set_epoch(epoch)  # the shuffle of each epoch depends on the seed and the epoch only
@@ -221,7 +221,6 @@ def train(
                 break
             if stopping:
                 raise KeyboardInterrupt(_stopped(save(), step))
-    progress.close()
     return {"history": history, "train_seconds": train_seconds, "steps": step, "epochs": len(history)}
 
 
