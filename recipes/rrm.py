@@ -35,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--list-layers", action="store_true", help="print the layers of teacher and student "
                        "with their output shapes, then stop")
     flags.add_rrm_args(parser)
-    return flags.parse(parser, argv, __file__, epochs=30, lr=1e-3)
+    args = flags.parse(parser, argv, __file__, epochs=30, lr=1e-3)
+    if args.preflight and args.list_layers:
+        raise RRMError("--preflight and --list-layers each stop the run early; give one of them")
+    return args
 
 
 @cli

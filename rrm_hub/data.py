@@ -91,6 +91,8 @@ def _load_any(spec: str, config: str | None) -> datasets.DatasetDict | datasets.
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
             return datasets.load_from_disk(str(path))
+        if path.is_dir() and not any(path.iterdir()):
+            raise RRMError(f"dataset folder '{spec}' is empty; put images in class subfolders (imagefolder) there")
         if path.is_dir():
             return datasets.load_dataset("imagefolder", data_dir=str(path))
         if path.exists():

@@ -228,7 +228,7 @@ def check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    for name in ("eval_steps", "preflight_steps", "sweep_steps"):
+    for name in ("eval_steps", "preflight_steps", "sweep_steps", "match_steps", "grad_accum", "epochs"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
