@@ -209,7 +209,7 @@ def train(
                     started += time.perf_counter() - paused  # saving is not training time
             train_seconds += time.perf_counter() - started
             record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
-            record.update({key: round(float(value) / max(count, 1), 5) for key, value in sums.items()})
+            record.update({key: round(value, 5) for key, value in _means(sums, count, accelerator).items()})
             if on_epoch_end is not None:
                 record.update(on_epoch_end(epoch, accelerator.unwrap_model(model)))
             history.append(record)
@@ -222,6 +222,18 @@ def train(
             if stopping:
                 raise KeyboardInterrupt(_stopped(save(), step))
     return {"history": history, "train_seconds": train_seconds, "steps": step, "epochs": len(history)}
+
+
+def _means(sums: dict, count: int, accelerator: Accelerator) -> dict[str, float]:
+    """The epoch's mean of each logged value, over all processes (each saw its own share of the batches)."""
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    means = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).to(accelerator.device) for k in keys])
+    means = means / max(count, 1)
+    if accelerator.num_processes > 1:
+        means = accelerator.reduce(means, "mean")
+    return dict(zip(keys, means.tolist(), strict=True))
 
 
 def _position(step: int, epoch: int, batches: int, sums: dict, count: int, history: list, seconds: float) -> dict:
