@@ -199,14 +199,15 @@ def train(
                     break
                 if batches == len(loader) or not accelerator.sync_gradients:
                     continue  # the epoch end saves
-                elapsed = train_seconds + time.perf_counter() - started
-                state.update(_position(step, epoch, batches, sums, count, history, elapsed))
+                due = config.save_every and step - (saved[-1] if saved else 0) >= config.save_every
+                if not (stopping or due):
+                    continue
+                paused = time.perf_counter()
+                state.update(_position(step, epoch, batches, sums, count, history, train_seconds + paused - started))
                 if stopping:
                     raise KeyboardInterrupt(_stopped(save(), step))
-                if config.save_every and step - (saved[-1] if saved else 0) >= config.save_every:
-                    paused = time.perf_counter()
-                    save()
-                    started += time.perf_counter() - paused  # saving is not training time
+                save()
+                started += time.perf_counter() - paused  # saving is not training time
             train_seconds += time.perf_counter() - started
             record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
             record.update({key: round(value, 5) for key, value in _means(sums, count, accelerator).items()})
