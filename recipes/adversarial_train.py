@@ -10,7 +10,6 @@ bundled default teacher (see its card in rrm_hub/assets/).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from rrm_hub import (
     AdversarialTraining,
@@ -43,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = flags.make_accelerator(args)
-    output_dir = Path(args.output_dir or f"robust-{args.model}")
+    output_dir = flags.output_folder(args, f"robust-{args.model}")
 
     # 1. data and model: the model takes [0, 1] pixels, normalization inside
     data = flags.load_data(args)

@@ -75,6 +75,7 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
                                attack_steps=args.attack_steps, replays=args.replays, eps_warmup=args.eps_warmup,
                                rrm_options=flags.rrm_options(args), cache=cache)
     config = flags.train_config(args)
+    config.output_dir = None  # timed runs: no checkpoints
     if method == "free_at":  # the same number of passes over the data as the others
         config.epochs = max(1, math.ceil(args.epochs / args.replays))
     pad = 0 if method in UNAUGMENTED else args.pad

@@ -37,14 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--list-layers", action="store_true", help="print the layers of teacher and student "
                        "with their output shapes, then stop")
     flags.add_rrm_args(parser)
-    return flags.parse(parser, argv, __file__, epochs=60, lr=1e-3)
+    args = flags.parse(parser, argv, __file__, epochs=60, lr=1e-3)
+    if args.preflight and args.list_layers:
+        raise RRMError("--preflight and --list-layers each stop the run early; give one of them")
+    return args
 
 
 @cli
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = flags.make_accelerator(args)
-    output_dir = Path(args.output_dir or "rrm-student")
+    output_dir = flags.output_folder(args, "rrm-student")
 
     # 1. data: [0, 1] pixels, normalization lives inside each model
     data = flags.load_data(args)
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
 def preflight(student, objective, teacher, data, args, accelerator, output_dir: Path) -> dict:
     """A short run that tells in minutes whether this teacher/student pair transfers robustness."""
     config = flags.train_config(args)
-    config.max_steps = args.preflight_steps
+    config.max_steps, config.output_dir = args.preflight_steps, None  # a short look: no checkpoints
     run = train(student, objective, flags.train_loader(data, args), accelerator, config)
     loader = make_loader(data, "test", args.batch_size, limit=min(args.eval_examples or 200, 200))
     result = transfer_check(accelerator.unwrap_model(student), teacher, loader, args.eps, args.norm, accelerator)

@@ -91,6 +91,8 @@ def _load_any(spec: str, config: str | None) -> datasets.DatasetDict | datasets.
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
             return datasets.load_from_disk(str(path))
+        if path.is_dir() and not any(path.iterdir()):
+            raise RRMError(f"dataset folder '{spec}' is empty; put images in class subfolders (imagefolder) there")
         if path.is_dir():
             return datasets.load_dataset("imagefolder", data_dir=str(path))
         if path.exists():
@@ -197,21 +199,36 @@ def build_transform(image_size: tuple[int, int], train: bool, pad: int = 2, hfli
 
 
 class PixelDataset(Dataset):
-    """A Hugging Face dataset seen as (pixels in [0, 1], label) pairs."""
+    """A Hugging Face dataset seen as (pixels in [0, 1], label) pairs.
 
-    def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None):
+    Images are converted to the dataset's mode (`ImageData.image_mode`), so a grayscale image in an RGB
+    dataset is repeated over three channels. With `seed`, the random augmentation of an example depends only on
+    (seed, epoch, index): the same in any process, worker or resumed run (`set_epoch` moves it on).
+    """
+
+    def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None,
+                 seed: int | None = None):
         self.rows = data.train if split == "train" else data.test
         if limit and limit < len(self.rows):  # None or 0: all
             self.rows = self.rows.select(range(limit))
         self.image_column, self.label_column = data.image_column, data.label_column
         self.mode, self.transform = data.image_mode, transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.rows[index]
-        return self.transform(row[self.image_column].convert(self.mode)), int(row[self.label_column])
+        image = row[self.image_column].convert(self.mode)
+        if self.seed is None:
+            return self.transform(image), int(row[self.label_column])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.transform(image), int(row[self.label_column])
 
 
 def make_loader(
@@ -227,7 +244,8 @@ def make_loader(
     hflip: bool = False,
 ) -> DataLoader:
     """A DataLoader over one split; the train split is shuffled with a seeded generator."""
-    dataset = PixelDataset(data, split, build_transform(data.image_size, augment, pad, hflip), limit)
+    dataset = PixelDataset(data, split, build_transform(data.image_size, augment, pad, hflip), limit,
+                           seed=seed if augment else None)
     shuffle = split == "train"
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(

@@ -24,8 +24,9 @@ def cli(main: Callable[..., T]) -> Callable[..., T]:
         except RRMError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted: stopped by Ctrl-C; files already written are kept.", file=sys.stderr)
+        except KeyboardInterrupt as stop:  # training says where it saved its checkpoint (rrm_hub.train)
+            print(f"interrupted: {stop.args[0] if stop.args else 'stopped by Ctrl-C; files already written are kept.'}",
+                  file=sys.stderr)
             raise SystemExit(130) from None
 
     return wrapper

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
 from .data import ImageData, load_image_data, make_loader
@@ -203,6 +205,13 @@ def add_train_args(parser: argparse.ArgumentParser, epochs: int, lr: float, batc
     group.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--output-dir", default=None)
+    group.add_argument("--save-every", type=int, default=0, help="also checkpoint every N optimizer steps into "
+                       "OUTPUT_DIR/checkpoints/ (0: at each epoch end only)")
+    group.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (the latest ones)")
+    group.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                       help="continue the run from the latest checkpoint in --output-dir, or from CHECKPOINT")
+    group.add_argument("--compile", action="store_true", help="torch.compile the student (inductor)")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format (CNN students)")
 
 
 def add_eval_args(parser: argparse.ArgumentParser, eps: float = 0.3) -> None:
@@ -278,7 +287,7 @@ def check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    for name in ("eval_steps", "preflight_steps", "sweep_steps"):
+    for name in ("eval_steps", "preflight_steps", "sweep_steps", "match_steps", "grad_accum", "epochs"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -320,8 +329,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         raise RRMError(f"--eps must be >= 0, got {args.eps}")
     if args.epochs < 1 or (args.max_steps is not None and args.max_steps < 1) or args.batch_size < 1:
         raise RRMError("--epochs, --max-steps and --batch-size must be >= 1")
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        raise RRMError("--save-every must be >= 0 and --keep-checkpoints >= 1")
     return TrainConfig(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
-                       optimizer=args.optimizer, warmup_fraction=args.warmup)
+                       optimizer=args.optimizer, warmup_fraction=args.warmup, output_dir=args.output_dir,
+                       save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+                       channels_last=args.channels_last)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -331,12 +344,32 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     `--multi_gpu` on a machine without GPUs does that): duplicated work and two writers of one folder.
     """
     accelerator = Accelerator(mixed_precision=getattr(args, "mixed_precision", "no"),
-                              gradient_accumulation_steps=getattr(args, "grad_accum", 1))
+                              gradient_accumulation_steps=getattr(args, "grad_accum", 1),
+                              dynamo_backend="inductor" if getattr(args, "compile", False) else "no",
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise RRMError(f"{os.environ['WORLD_SIZE']} processes were started but each would train alone; on CPUs "
                        "launch with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...")
     set_seed(args.seed)
     return accelerator
+
+
+def output_folder(args: argparse.Namespace, default: str) -> Path:
+    """The output folder (`--output-dir` or `default`), checked to be writable before any work starts."""
+    path = Path(args.output_dir or default)
+    args.output_dir = str(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RRMError(f"cannot write to the output folder '{path}' ({err.strerror or err} at '{existing}'); "
+                       "choose another --output-dir") from None
+    return path
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import timm
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 from torch import nn
 
 from .converters import (
@@ -54,7 +55,18 @@ def _timm_teacher(folder: Path, config: dict, source: str) -> PixelModel:
 
 
 def _load_folder(folder: Path, source: str, trust_remote_code: bool = False) -> nn.Module:
-    """An rrm-hub student, a transformers image classifier or a timm model, as its config.json says."""
+    """An rrm-hub student, a transformers image classifier or a timm model, as its config.json says.
+
+    A truncated or corrupt config.json or safetensors file (an interrupted download) is a one-line error.
+    """
+    try:
+        return _load_folder_as_configured(folder, source, trust_remote_code)
+    except (SafetensorError, json.JSONDecodeError) as err:
+        raise RRMError(f"teacher '{source}' has a corrupt or incomplete file ({str(err).splitlines()[0][:120]}); "
+                       "download it again (an interrupted download?) or re-save it") from None
+
+
+def _load_folder_as_configured(folder: Path, source: str, trust_remote_code: bool) -> nn.Module:
     config_path = folder / CONFIG_FILE
     if not config_path.exists():
         raise RRMError(f"teacher '{source}' has no config.json; give a timm, transformers or rrm-hub model, "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -14,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from . import checkpoints
 from .errors import RRMError
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -21,7 +25,12 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 
 @dataclass
 class TrainConfig:
-    """How long and how to optimize; `max_steps` (optimizer steps) caps `epochs` when set."""
+    """How long and how to optimize; `max_steps` (optimizer steps) caps `epochs` when set.
+
+    With `output_dir`, checkpoints go to `<output_dir>/checkpoints/` at each epoch end and every `save_every`
+    optimizer steps (0: epoch ends only), keeping the last `keep_checkpoints`; `resume` ("auto" or a
+    checkpoint folder) continues a run from one.
+    """
 
     epochs: int = 10
     max_steps: int | None = None
@@ -31,6 +40,11 @@ class TrainConfig:
     momentum: float = 0.9
     warmup_fraction: float = 0.05
     grad_clip: float | None = None
+    output_dir: str | None = None
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    channels_last: bool = False
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -43,24 +57,56 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     raise RRMError(f"unknown optimizer '{config.optimizer}'; use adamw or sgd")
 
 
+class _StopRequest:
+    """Ctrl-C during training asks the loop to stop at the next optimizer step, after a checkpoint.
+
+    A second Ctrl-C stops at once. Only installed in the main thread, and only when the run checkpoints.
+    """
+
+    def __init__(self, active: bool):
+        self.requested, self._previous = False, None
+        self.active = active and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _StopRequest:
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _step(model, objective, x, y, optimizer, scheduler, accelerator: Accelerator, config: TrainConfig,
-          step: int, total_steps: int) -> tuple[torch.Tensor, dict]:
-    """One forward/backward of `objective` and, at the end of an accumulation window, one optimizer step."""
+          step: int, total_steps: int, stop: _StopRequest) -> tuple[torch.Tensor, dict, bool, bool]:
+    """One forward/backward of `objective` and, at the end of an accumulation window, one optimizer step.
+
+    Returns the loss, its parts, whether the loss was finite and whether any process asked to stop; the
+    last two are agreed by all processes, so they stop together.
+    """
     if hasattr(objective, "schedule"):  # objectives that change over training (e.g. epsilon warm-up)
         objective.schedule(step / total_steps)
     with accelerator.accumulate(model):
         with accelerator.autocast():
             loss, logs = objective(model, x, y)
-        if not torch.isfinite(loss):
-            raise RRMError(f"the loss became {loss.item()} at step {step}; lower --lr or use "
-                           "--mixed-precision no")
+        status = torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)], device=loss.device)
+        if accelerator.num_processes > 1:
+            status = accelerator.reduce(status, "sum")
+        bad, stopping = bool(status[0] > 0), bool(status[1] > 0)
+        if bad:
+            return loss.detach(), logs, False, stopping
         accelerator.backward(loss)
         if config.grad_clip and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    return loss.detach(), logs
+    return loss.detach(), logs, True, stopping
 
 
 def train(
@@ -73,8 +119,12 @@ def train(
 ) -> dict:
     """Train `model` in place with `objective`; returns the history and the training seconds.
 
-    `on_epoch_end(epoch, model)` may evaluate; its time is not counted in `train_seconds`.
+    `on_epoch_end(epoch, model)` may evaluate; its time is not counted in `train_seconds`. A run that
+    checkpoints (`config.output_dir`) and is resumed sees the same batches, schedule and random numbers as
+    one that was never stopped.
     """
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     replays = getattr(objective, "replays", 1)  # free-AT takes several optimizer steps on each minibatch
@@ -89,35 +139,109 @@ def train(
                                                 total_steps * scale)
     scheduler = accelerator.prepare(scheduler)
 
-    history: list[dict] = []
-    step, train_seconds = 0, 0.0
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process, leave=False)
-    for epoch in range(epochs):
-        model.train()
-        started, sums, count = time.perf_counter(), {}, 0
-        for x, y in loader:
-            for _ in range(replays):
-                loss, logs = _step(model, objective, x, y, optimizer, scheduler, accelerator, config, step, total_steps)
-                for key, value in {"loss": loss, **logs}.items():  # stays on the device: no sync per step
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
-                if accelerator.sync_gradients:
-                    step += 1
-                    progress.update(1)
-                    if step % 10 == 0:
-                        progress.set_postfix(loss=f"{float(loss):.4f}", epoch=epoch + 1)
+    root = Path(config.output_dir) / "checkpoints" if config.output_dir else None
+    state = {"step": 0, "epoch": 0, "batches": 0, "sums": {}, "count": 0, "history": [], "train_seconds": 0.0}
+    if config.resume:
+        if root is None:
+            raise RRMError("--resume needs the run's --output-dir")
+        path = checkpoints.resolve(config.resume, root)
+        state = checkpoints.load(accelerator, path)
+        accelerator.print(f"resuming from {path} (step {state['step']}, epoch {state['epoch'] + 1})")
+
+    def save() -> Path | None:
+        """Checkpoint `state` unless this step is saved already; returns the latest checkpoint."""
+        if root is None:
+            return None
+        if not (saved and saved[-1] == state["step"]):
+            checkpoints.save(accelerator, root, state, config.keep_checkpoints)
+            saved.append(state["step"])
+        return checkpoints.checkpoints(root)[-1]
+
+    history, step, train_seconds = state["history"], state["step"], state["train_seconds"]
+    saved: list[int] = [step] if config.resume else []
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process,
+                    leave=False)
+    stopping = False
+    with _StopRequest(root is not None) as stop, progress:  # the bar closes before any message
+        for epoch in range(state["epoch"], epochs):
+            model.train()
+            loader.set_epoch(epoch)  # the shuffle of each epoch depends on the seed and the epoch only
+            if hasattr(loader.dataset, "set_epoch"):  # and so may the augmentation (rrm_hub.data.PixelDataset)
+                loader.dataset.set_epoch(epoch)
+            batches, sums, count = state["batches"], dict(state["sums"]), state["count"]
+            batches_to_go = accelerator.skip_first_batches(loader, batches) if batches else loader
+            started = time.perf_counter()
+            for x, y in batches_to_go:
+                if config.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for _ in range(replays):
+                    loss, logs, finite, stopping = _step(model, objective, x, y, optimizer, scheduler, accelerator,
+                                                         config, step, total_steps, stop)
+                    if not finite:  # the weights are still those of the last step: keep them
+                        elapsed = train_seconds + time.perf_counter() - started
+                        state.update(_position(step, epoch, batches, sums, count, history, elapsed))
+                        path = save()
+                        where = f"; the last good state is in {path} (--resume continues from it)" if path else ""
+                        raise RRMError(f"the loss became {loss.item()} at step {step}{where}; lower --lr or use "
+                                       "--mixed-precision no")
+                    for key, value in {"loss": loss, **logs}.items():  # stays on the device: no sync per step
+                        sums[key] = sums.get(key, 0.0) + value
+                    count += 1
+                    if accelerator.sync_gradients:
+                        step += 1
+                        progress.update(1)
+                        if step % 10 == 0:
+                            progress.set_postfix(loss=f"{float(loss):.4f}", epoch=epoch + 1)
+                    if step >= total_steps:
+                        break
+                batches += 1
                 if step >= total_steps:
                     break
+                if batches == len(loader) or not accelerator.sync_gradients:
+                    continue  # the epoch end saves
+                due = config.save_every and step - (saved[-1] if saved else 0) >= config.save_every
+                if not (stopping or due):
+                    continue
+                paused = time.perf_counter()
+                state.update(_position(step, epoch, batches, sums, count, history, train_seconds + paused - started))
+                if stopping:
+                    raise KeyboardInterrupt(_stopped(save(), step))
+                save()
+                started += time.perf_counter() - paused  # saving is not training time
+            train_seconds += time.perf_counter() - started
+            record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
+            record.update({key: round(value, 5) for key, value in _means(sums, count, accelerator).items()})
+            if on_epoch_end is not None:
+                record.update(on_epoch_end(epoch, accelerator.unwrap_model(model)))
+            history.append(record)
+            accelerator.print(" ".join(f"{k}={v}" for k, v in record.items()))
+            state.update(step=step, epoch=epoch + 1, batches=0, sums={}, count=0, history=history,
+                         train_seconds=train_seconds)
+            save()
             if step >= total_steps:
                 break
-        train_seconds += time.perf_counter() - started
-        record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
-        record.update({key: round(float(value) / max(count, 1), 5) for key, value in sums.items()})
-        if on_epoch_end is not None:
-            record.update(on_epoch_end(epoch, accelerator.unwrap_model(model)))
-        history.append(record)
-        accelerator.print(" ".join(f"{k}={v}" for k, v in record.items()))
-        if step >= total_steps:
-            break
-    progress.close()
+            if stopping:
+                raise KeyboardInterrupt(_stopped(save(), step))
     return {"history": history, "train_seconds": train_seconds, "steps": step, "epochs": len(history)}
+
+
+def _means(sums: dict, count: int, accelerator: Accelerator) -> dict[str, float]:
+    """The epoch's mean of each logged value, over all processes (each saw its own share of the batches)."""
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    means = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).to(accelerator.device) for k in keys])
+    means = means / max(count, 1)
+    if accelerator.num_processes > 1:
+        means = accelerator.reduce(means, "mean")
+    return dict(zip(keys, means.tolist(), strict=True))
+
+
+def _position(step: int, epoch: int, batches: int, sums: dict, count: int, history: list, seconds: float) -> dict:
+    """Where the loop stands, for a checkpoint (`batches` of `epoch` are done)."""
+    return {"step": step, "epoch": epoch, "batches": batches, "count": count, "history": history,
+            "sums": {k: float(v) for k, v in sums.items()}, "train_seconds": seconds}
+
+
+def _stopped(path, step: int) -> str:
+    return f"stopped by Ctrl-C at step {step}; the checkpoint {path} holds it: run the same command with --resume"

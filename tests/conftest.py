@@ -78,3 +78,22 @@ def run_recipe(args: list[str], launcher: list[str] | None = None, timeout: int 
 
 def tiny_batch(n: int = 8, channels: int = 1, size: int = 28) -> torch.Tensor:
     return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def call_recipe(script: str, args: list[str]) -> tuple[int, str]:
+    """Run `recipes/<script>`'s main(args) in this process; returns its exit code and what it wrote to stderr."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{Path(script).stem}", ROOT / "recipes" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            module.main(args)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return code, stderr.getvalue()

@@ -1,0 +1,92 @@
+"""Training checkpoints: `accelerator.save_state` written atomically into `<output-dir>/checkpoints/step-XXXXXXXX`.
+
+A checkpoint is written into a `.partial-*` folder and renamed only once complete, so the latest checkpoint
+(the highest `step-*` folder) is never half written, whatever kills the run. `trainer.json` beside the
+accelerate files holds where the loop stood: step, epoch, batches done in the epoch, history.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from .errors import RRMError
+
+TRAINER_STATE = "trainer.json"
+PREFIX = "step-"
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / TRAINER_STATE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve(spec: str, root: Path) -> Path:
+    """The checkpoint `--resume` names: `auto` (latest under `root`) or a checkpoint folder."""
+    if spec == "auto":
+        found = checkpoints(root)
+        if not found:
+            raise RRMError(f"--resume: no checkpoint in '{root}'; train without --resume, or give a checkpoint folder")
+        return found[-1]
+    path = Path(spec)
+    if path.is_dir() and not (path / TRAINER_STATE).exists() and checkpoints(path / "checkpoints"):
+        return checkpoints(path / "checkpoints")[-1]  # an output folder
+    if not (path / TRAINER_STATE).exists():
+        raise RRMError(f"--resume: '{spec}' is not a checkpoint (no {TRAINER_STATE}); give a checkpoints/step-* "
+                       "folder, an output folder, or auto")
+    return path
+
+
+def save(accelerator: Accelerator, root: Path, state: dict, keep: int) -> Path:
+    """Save model, optimizer, scheduler and RNG states plus `state` as `root/step-<state['step']>`.
+
+    Every process must call this. A full disk or an unwritable folder raises `RRMError`; earlier
+    checkpoints stay as they were.
+    """
+    final = root / f"{PREFIX}{state['step']:08d}"
+    partial = root / f".partial-{final.name}"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            for old in checkpoints(root)[:-max(keep, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        full = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+        kept = checkpoints(root)
+        before = f"; the checkpoint {kept[-1]} is kept" if kept else ""
+        raise RRMError(f"could not save the checkpoint of step {state['step']} in '{root}'{full}: "
+                       f"{err.strerror or err}{before}") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator: Accelerator, path: Path) -> dict:
+    """Restore the states saved in `path` into the prepared objects; returns its trainer state."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        accelerator.load_state(str(path))
+    except Exception as err:  # torch, safetensors and json raise many types for a bad file; all mean the same
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise RRMError(f"--resume: cannot load checkpoint '{path}' ({type(err).__name__}: {first}); it is damaged, "
+                       "unsafe or from another model: resume from an earlier one or start afresh") from None
+    return state

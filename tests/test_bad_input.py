@@ -1,0 +1,124 @@
+"""The bad-input table: each bad input to the recipes gives one `error:` line (no traceback) or is fixed
+automatically as documented. Cases already covered elsewhere are referenced, not repeated:
+tests/test_recipes.py::test_bad_input_gives_one_line_errors (missing teacher folder, wrong --teacher-layer,
+unknown timm student, eps < 0, mismatched classes, --eval-examples < 0, --eval-steps 0, --match-eps < 0,
+--preflight-steps 0, malformed --student-kwargs) and tests/test_teachers.py (teacher files of every kind).
+"""
+
+import shutil
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from rrm_hub import create_pixel_model
+from rrm_hub.models import save_timm_folder
+from rrm_hub.teachers import DEFAULT_TEACHER
+
+from .conftest import call_recipe
+from .test_teachers import _RunsCode
+
+QUICK = ["--max-steps", "1", "--batch-size", "16", "--epoch-eval-examples", "0", "--eval-examples", "16",
+         "--sweep-examples", "16", "--eval-steps", "1", "--no-checks", "--student", "resnet18", "--student-kwargs",
+         "layers=(1,1,1,1)", "channels=(8,8,8,8)"]
+
+
+def _save(path, images, labels):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("abc"))})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(path))
+    return str(path)
+
+
+def no_image_column(tmp):
+    datasets.Dataset.from_dict({"text": ["a", "b"] * 5, "label": [0, 1] * 5}).save_to_disk(str(tmp / "text"))
+    return str(tmp / "text")
+
+
+def empty_dataset(tmp):  # datasets cannot save an empty dataset: an empty folder is what users meet
+    (tmp / "empty").mkdir()
+    return str(tmp / "empty")
+
+
+def mixed_modes(tmp):  # the first image is RGB, others grayscale: all become RGB (gray repeated)
+    images = [Image.new("RGB", (28, 28), (i * 20, 0, 0)) if i == 0 else Image.new("L", (28, 28), i * 20)
+              for i in range(12)]
+    return _save(tmp / "mixed", images, [0, 1, 2] * 4)
+
+
+def rgb_teacher(tmp):  # a 3-channel teacher for the grayscale digits: gray is repeated over its channels
+    torch.manual_seed(0)
+    args = {"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 8)}
+    model = create_pixel_model("resnet18", 10, (3, 28, 28), args, [str(i) for i in range(10)])
+    save_timm_folder(model.model, str(tmp / "rgb-teacher"), args, [str(i) for i in range(10)])
+    return str(tmp / "rgb-teacher")
+
+
+def corrupt_safetensors(tmp):
+    folder = shutil.copytree(DEFAULT_TEACHER, tmp / "corrupt")
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    return str(folder)
+
+
+def unsafe_pickle(tmp):
+    torch.save({"model": {}, "args": _RunsCode(tmp / "pwned")}, tmp / "resnet18_evil.ckpt")
+    return str(tmp / "resnet18_evil.ckpt")
+
+
+def damaged_checkpoint(tmp):
+    folder = tmp / "out" / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "trainer.json").write_text('{"step": 4}')
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    return "auto"
+
+
+def a_file(tmp):
+    (tmp / "file.txt").write_text("not a folder")
+    return str(tmp / "file.txt" / "out")
+
+
+# (flags, what to make under tmp_path for the "MADE" placeholder, the one error line, or None: runs and fixes)
+CASES = {
+    "unknown teacher hub id": (["--teacher", "nobody/no-such-teacher"], None, "not in the local Hugging Face cache"),
+    "unknown timm student": (["--student", "resnet_nonexistent"], None, "timm has no model 'resnet_nonexistent'"),
+    "wrong --teacher-layer": (["--teacher-layer", "fc9"], None, "has no layer 'fc9'"),
+    "wrong --student-layer": (["--student-layer", "layer9"], None, "layer9"),
+    "mismatched classes": (["--dataset", "MADE"], mixed_modes, "teacher predicts 10 classes but the dataset has 3"),
+    "negative --eps": (["--eps", "-0.1"], None, "--eps must be >= 0"),
+    "--eval-examples -1": (["--eval-examples", "-1"], None, "--eval-examples must be >= 0"),
+    "--epochs 0": (["--epochs", "0"], None, "--epochs must be >= 1"),
+    "--match-steps 0": (["--match-steps", "0"], None, "--match-steps must be >= 1"),
+    "--grad-accum 0": (["--grad-accum", "0"], None, "--grad-accum must be >= 1"),
+    "--save-every -1": (["--save-every", "-1"], None, "--save-every must be >= 0"),
+    "--push-to-hub without id": (["--push-to-hub"], None, "--push-to-hub needs --hub-model-id"),
+    "--preflight with --list-layers": (["--preflight", "--list-layers"], None, "give one of them"),
+    "dataset without an image column": (["--dataset", "MADE"], no_image_column, "has no image column"),
+    "empty dataset": (["--dataset", "MADE"], empty_dataset, "is empty; put images in class subfolders"),
+    "missing dataset": (["--dataset", "./no/such/data"], None, "could not load dataset './no/such/data'"),
+    "corrupt safetensors teacher": (["--teacher", "MADE"], corrupt_safetensors, "has a corrupt or incomplete file"),
+    "pickled teacher that runs code": (["--teacher", "MADE"], unsafe_pickle, "never unpickles untrusted files"),
+    "--resume with no checkpoint": (["--resume"], None, "--resume: no checkpoint in"),
+    "--resume a damaged checkpoint": (["--resume", "MADE"], damaged_checkpoint, "it is damaged, unsafe or from"),
+    "--resume a folder that is none": (["--resume", "MADE"], lambda t: str(t), "is not a checkpoint"),
+    "output folder under a file": (["--output-dir", "MADE"], a_file, "cannot write to the output folder"),
+    "grayscale data, RGB teacher (fixed)": (["--teacher", "MADE"], rgb_teacher, None),
+    "RGB and grayscale images mixed (fixed)": (["--dataset", "MADE", "--ignore-teacher-labels"], mixed_modes, None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(tmp_path, name):
+    flags, make, message = CASES[name]
+    made = make(tmp_path) if make else None
+    flags = [made if f == "MADE" else f for f in flags]
+    args = [*QUICK, "--output-dir", str(tmp_path / "out"), *flags]
+    code, stderr = call_recipe("rrm.py", args)
+    assert "Traceback" not in stderr
+    if message is None:
+        assert code == 0, stderr[-2000:]
+        assert (tmp_path / "out" / "model.safetensors").exists()
+        return
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert not (tmp_path / "pwned").exists()
