@@ -167,8 +167,10 @@ def ratios(results: dict) -> dict:
     reference = REFERENCE if REFERENCE in results else "natural"
     return {
         "rrm_step_over_natural_step": ratio("rrm", "natural", "seconds_per_step"),
+        "rrm_clean_step_over_natural_step": ratio("rrm_clean", "natural", "seconds_per_step"),
         "rrm_cached_step_over_natural_step": ratio("rrm_cached", reference, "seconds_per_step"),
         "rrm_activation_memory_over_natural": ratio("rrm", "natural", "saved_activation_bytes"),
+        "rrm_clean_activation_memory_over_natural": ratio("rrm_clean", "natural", "saved_activation_bytes"),
         "rrm_time_to_target_over_pgd_at": ratio("rrm", "pgd_at", "time_to_target_seconds"),
         "rrm_time_to_target_over_free_at": ratio("rrm", "free_at", "time_to_target_seconds"),
     }

@@ -10,8 +10,9 @@ from .errors import RRMError
 from .objectives import RRM, AdversarialTraining, Distillation, FreeAdversarialTraining, Natural
 from .teacher_cache import TeacherCache
 
-METHODS = ("natural", "pgd_at", "fast_at", "free_at", "kd", "rrm", "rrm_cached")
-"""`rrm_cached`: RRM matching on the clean images, with the teacher's outputs looked up in a `TeacherCache`."""
+METHODS = ("natural", "pgd_at", "fast_at", "free_at", "kd", "rrm", "rrm_clean", "rrm_cached")
+"""`rrm`: RRM as the RRM flags say (recipes/rrm.py's default: adversarial matching); `rrm_clean`: the paper's
+matching on the clean images; `rrm_cached`: the same with the teacher's outputs looked up in a `TeacherCache`."""
 
 
 def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | None = None,
@@ -26,12 +27,14 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
         return AdversarialTraining(fgsm(eps, norm), eps_warmup=eps_warmup)
     if method == "free_at":
         return FreeAdversarialTraining(eps, norm, replays)
-    if method in ("kd", "rrm", "rrm_cached") and teacher is None:
+    if method in ("kd", "rrm", "rrm_clean", "rrm_cached") and teacher is None:
         raise RRMError(f"method '{method}' needs a teacher")
     if method == "kd":
         return Distillation(teacher)
     if method == "rrm":
         return RRM(teacher, teacher_layer, **{"eps": eps, "norm": norm, **(rrm_options or {})})
+    if method == "rrm_clean":
+        return RRM(teacher, teacher_layer, **{"eps": eps, "norm": norm, **(rrm_options or {}), "match_on": "clean"})
     if method == "rrm_cached":
         if cache is None:
             raise RRMError("method 'rrm_cached' needs a teacher cache (rrm_hub.teacher_cache.TeacherCache)")

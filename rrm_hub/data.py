@@ -7,6 +7,7 @@ epsilon is measured in the same pixel space for every model.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -187,15 +188,28 @@ def load_image_data(
     )
 
 
-def build_transform(image_size: tuple[int, int], train: bool, pad: int = 2, hflip: bool = False) -> transforms.Compose:
-    """timm-style pixel transforms ending in a [0, 1] tensor: resize, then (train) random shifts / flips."""
-    steps: list = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
-    if train and pad > 0:
-        steps.append(transforms.RandomCrop(image_size, padding=pad))
-    if train and hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps.append(transforms.ToTensor())
-    return transforms.Compose(steps)
+def build_transform(image_size: tuple[int, int]) -> transforms.Compose:
+    """timm-style pixel transforms ending in a [0, 1] tensor: resize, center crop."""
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                               transforms.ToTensor()])
+
+
+@dataclass(frozen=True)
+class RandomShift:
+    """Random shifts of up to `pad` pixels (zero fill) and, with `hflip`, horizontal flips of a (C, H, W) tensor,
+    drawn from the `random.Random` given (cheap to seed per example, unlike torch's global generator)."""
+
+    pad: int = 2
+    hflip: bool = False
+
+    def __call__(self, pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        if self.pad > 0:
+            height, width = pixels.shape[-2:]
+            top, left = rng.randint(0, 2 * self.pad), rng.randint(0, 2 * self.pad)
+            pixels = torch.nn.functional.pad(pixels, (self.pad,) * 4)[:, top:top + height, left:left + width]
+        if self.hflip and rng.random() < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels
 
 
 class PixelDataset(Dataset):
@@ -207,12 +221,12 @@ class PixelDataset(Dataset):
     """
 
     def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, augment: RandomShift | None = None):
         self.rows = data.train if split == "train" else data.test
         if limit and limit < len(self.rows):  # None or 0: all
             self.rows = self.rows.select(range(limit))
         self.image_column, self.label_column = data.image_column, data.label_column
-        self.mode, self.transform = data.image_mode, transform
+        self.mode, self.transform, self.augment = data.image_mode, transform, augment
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -223,12 +237,11 @@ class PixelDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.rows[index]
-        image = row[self.image_column].convert(self.mode)
-        if self.seed is None:
-            return self.transform(image), int(row[self.label_column])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.transform(image), int(row[self.label_column])
+        pixels = self.transform(row[self.image_column].convert(self.mode))
+        if self.augment is not None:
+            seed = None if self.seed is None else (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+            pixels = self.augment(pixels, random.Random(seed))
+        return pixels, int(row[self.label_column])
 
 
 def make_loader(
@@ -244,8 +257,8 @@ def make_loader(
     hflip: bool = False,
 ) -> DataLoader:
     """A DataLoader over one split; the train split is shuffled with a seeded generator."""
-    dataset = PixelDataset(data, split, build_transform(data.image_size, augment, pad, hflip), limit,
-                           seed=seed if augment else None)
+    shift = RandomShift(pad, hflip) if augment and (pad > 0 or hflip) else None
+    dataset = PixelDataset(data, split, build_transform(data.image_size), limit, seed=seed, augment=shift)
     shuffle = split == "train"
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
