@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rrm_hub.cards import save_json
 from rrm_hub.errors import RRMError, cli
+from rrm_hub.flags import DEFAULT_STUDENT, DEFAULT_STUDENT_KWARGS
 
 RECIPES = Path(__file__).resolve().parent
 STUDENTS = {
@@ -55,10 +56,9 @@ def variants() -> dict[str, tuple[str, list[str]]]:
     for student, student_flags in STUDENTS.items():
         for matching, matching_flags in MATCHING.items():
             table[f"{student}/{matching}"] = ("rrm.py", student_flags + matching_flags)
-        model_flags = [f.replace("--student-kwargs", "--model-kwargs").replace("--student", "--model")
-                       for f in student_flags] or ["--model", "vit_tiny_patch16_224", "--model-kwargs",
-                                                   "img_size=28", "patch_size=7", "depth=4", "embed_dim=96",
-                                                   "num_heads=3"]
+        model_flags = ([f.replace("--student-kwargs", "--model-kwargs").replace("--student", "--model")
+                        for f in student_flags]
+                       or ["--model", DEFAULT_STUDENT, "--model-kwargs", *DEFAULT_STUDENT_KWARGS])
         table[f"{student}/pgd_at"] = ("adversarial_train.py", model_flags + PGD_AT)
     return table
 
@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra", default="", help="flags added to every run, e.g. '--epochs 60 --batch-size 256'")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--eps", type=float, default=0.3)
-    parser.add_argument("--sweep-eps", default="0.1,0.2,0.3", help="epsilons reported in the table (PGD-20)")
+    parser.add_argument("--eps-sweep", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+                        help="epsilons reported in the table (PGD-20)")
     parser.add_argument("--output-dir", default="study")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -81,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def command(recipe: str, flags: list[str], args: argparse.Namespace, folder: Path) -> list[str]:
     """The recipe run of one variant: its flags, then the study's evaluation flags, then --extra."""
-    return [sys.executable, str(RECIPES / recipe), *flags, "--eps", str(args.eps), "--sweep-eps", args.sweep_eps,
+    sweep = [f"{e:g}" for e in args.eps_sweep]
+    return [sys.executable, str(RECIPES / recipe), *flags, "--eps", str(args.eps), "--eps-sweep", *sweep,
             "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), *shlex.split(args.extra)]
 
 

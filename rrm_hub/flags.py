@@ -226,8 +226,8 @@ def add_eval_args(parser: argparse.ArgumentParser, eps: float = 0.3) -> None:
     group.add_argument("--eval-examples", type=int, default=500, help="test images for the final numbers and "
                        "the gradient-masking checks (0: all)")
     group.add_argument("--sweep-examples", type=int, default=500, help="test images for the epsilon sweep")
-    group.add_argument("--sweep-eps", type=parse_floats, default=None,
-                       help="epsilons of the sweep, comma-separated (default: 0.25, 0.5, 0.75, 1 and 1.5 x --eps)")
+    group.add_argument("--eps-sweep", type=float, nargs="+", default=None, help="epsilons of the sweep, as in "
+                       "recipes/evaluate.py (default: 0.25, 0.5, 0.75, 1 and 1.5 x --eps)")
     group.add_argument("--sweep-steps", type=int, default=10, help="PGD steps of the epsilon sweep")
     group.add_argument("--epoch-eval-examples", type=int, default=256,
                        help="test images for the per-epoch check (0: no per-epoch check)")
@@ -270,23 +270,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, script: str, 
     return args
 
 
-def parse_floats(text: str) -> list[float]:
-    """`0.1,0.2,0.3` -> [0.1, 0.2, 0.3] (argparse type; every value must be >= 0)."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got '{text}'")
-    return values
-
-
 def check_counts(args: argparse.Namespace) -> None:
     """Refuse counts and sizes that cannot be meant (negative examples, zero steps, a negative epsilon)."""
     for name in ("eval_examples", "sweep_examples", "epoch_eval_examples", "match_eps"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if getattr(args, "eps_sweep", None) and min(args.eps_sweep) < 0:
+        raise RRMError(f"--eps-sweep values must be >= 0, got {min(args.eps_sweep)}")
     for name in ("eval_steps", "preflight_steps", "sweep_steps", "match_steps", "grad_accum", "epochs"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -320,7 +311,7 @@ def epoch_check(data: ImageData, args: argparse.Namespace, accelerator: Accelera
 def report(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     """Keyword arguments of `rrm_hub.evaluate.robustness_report` from the evaluation flags."""
     return {"eps": args.eps, "norm": args.norm, "suite": args.suite, "steps": args.eval_steps,
-            "checks": not args.no_checks, "accelerator": accelerator, "sweep_eps": args.sweep_eps,
+            "checks": not args.no_checks, "accelerator": accelerator, "sweep_eps": args.eps_sweep,
             "sweep_steps": args.sweep_steps}
 
 

@@ -215,8 +215,7 @@ def train(
                 record.update(on_epoch_end(epoch, accelerator.unwrap_model(model)))
             history.append(record)
             accelerator.print(" ".join(f"{k}={v}" for k, v in record.items()))
-            state.update(step=step, epoch=epoch + 1, batches=0, sums={}, count=0, history=history,
-                         train_seconds=train_seconds)
+            state.update(_position(step, epoch + 1, 0, {}, 0, history, train_seconds))
             save()
             if step >= total_steps:
                 break

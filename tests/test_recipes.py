@@ -113,7 +113,7 @@ def test_study_runs_each_variant_and_tabulates(tmp_path):
     out = tmp_path / "study"
     extra = "--max-steps 2 --epoch-eval-examples 0 --eval-examples 16 --sweep-examples 16"
     result = run_recipe(["recipes/study.py", "--variants", "vit/noise", "cnn/adversarial", "--jobs", "2",
-                         "--sweep-eps", "0.1,0.3", "--extra", extra, "--output-dir", str(out)], timeout=600)
+                         "--eps-sweep", "0.1", "0.3", "--extra", extra, "--output-dir", str(out)], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())
     assert [r["variant"] for r in study["rows"]] == ["vit/noise", "cnn/adversarial"]
