@@ -1,4 +1,4 @@
-"""Adversarial training (PGD-AT or fast-AT) of any timm model on any image dataset.
+"""Adversarial training (PGD-AT, fast-AT or N-FGSM) of any timm model on any image dataset.
 
     python recipes/adversarial_train.py --model resnet18 --method pgd_at --eps 0.3
 
@@ -11,16 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from rrm_hub import (
-    AdversarialTraining,
-    Attack,
-    create_pixel_model,
-    fgsm,
-    flags,
-    make_loader,
-    pgd,
-    train,
-)
+from rrm_hub import create_pixel_model, flags, make_loader, train
+from rrm_hub.benchmark import make_objective
 from rrm_hub.cards import hardware, plot_sweeps, render_card, save_json
 from rrm_hub.errors import cli
 from rrm_hub.evaluate import robustness_report
@@ -31,7 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18", help="timm architecture")
     parser.add_argument("--model-kwargs", nargs="*", default=[], help="key=value for timm.create_model")
-    parser.add_argument("--method", choices=["pgd_at", "fast_at"], default="pgd_at")
+    parser.add_argument("--method", choices=["pgd_at", "fast_at", "nfgsm_at"], default="pgd_at",
+                        help="pgd_at: PGD with --attack-steps; fast_at: FGSM with a random start; nfgsm_at: "
+                        "N-FGSM (random start of 2 eps, a step of eps, not projected)")
     parser.add_argument("--attack-steps", type=int, default=7, help="PGD steps while training (pgd_at)")
     parser.add_argument("--eps-warmup", type=float, default=0.3,
                         help="ramp epsilon up from 0 over this fraction of training (0: off)")
@@ -51,9 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
                                data.class_names)
 
     # 2. the objective: cross-entropy on adversarial examples from the one attack implementation
-    attack: Attack = (pgd(args.eps, args.norm, args.attack_steps) if args.method == "pgd_at"
-                      else fgsm(args.eps, args.norm))
-    objective = AdversarialTraining(attack, eps_warmup=args.eps_warmup)
+    objective = make_objective(args.method, eps=args.eps, norm=args.norm, attack_steps=args.attack_steps,
+                               eps_warmup=args.eps_warmup)
 
     # 3. train
     run = train(model, objective, flags.train_loader(data, args), accelerator, flags.train_config(args),

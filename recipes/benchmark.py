@@ -2,7 +2,7 @@
 
     python recipes/benchmark.py --quick
 
-For each method (natural, PGD-AT, fast-AT, free-AT, KD, RRM) trains the same student (default: a small
+For each method (natural, PGD-AT, fast-AT, N-FGSM-AT, free-AT, KD, RRM) trains the same student (default: a small
 CNN; --student picks another), checks robust accuracy (PGD-10) after every epoch against the training
 seconds spent so far, and writes to --output-dir: benchmark.json (stable keys:
 methods.<name>.seconds_per_step, .time_to_target_seconds, .robust_accuracy, .clean_accuracy, ...),

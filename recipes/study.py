@@ -29,6 +29,10 @@ STUDENTS = {
     "vit": [],  # the default student of recipes/rrm.py: ViT-Tiny family, 28 px, patch 7, depth 4, width 96
     "vit-p4": ["--student", "vit_tiny_patch16_224", "--student-kwargs", "img_size=28", "patch_size=4", "depth=4",
                "embed_dim=96", "num_heads=3"],
+    "vit-wide": ["--student", "vit_tiny_patch16_224", "--student-kwargs", "img_size=28", "patch_size=7", "depth=4",
+                 "embed_dim=192", "num_heads=3"],  # the default ViT at twice the width
+    "vit-deep": ["--student", "vit_tiny_patch16_224", "--student-kwargs", "img_size=28", "patch_size=7", "depth=8",
+                 "embed_dim=96", "num_heads=3"],  # the default ViT at twice the depth
     "vit-conv": ["--student", "vit_tiny_r_s16_p8_224", "--student-kwargs", "img_size=28", "patch_size=1",
                  "depth=4", "embed_dim=96", "num_heads=3"],  # ViT on a ResNet stem (conv, stride 4): 7x7 tokens
     "cnn": ["--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(24,48,96,128)",
@@ -40,6 +44,8 @@ MATCHING = {
     "noise": ["--match-on", "noise"],
     "sign-noise": ["--match-on", "noise", "--noise", "sign"],
     "noise-kd": ["--match-on", "noise", "--kd-weight", "1"],
+    "n-fgsm": ["--match-attack", "n-fgsm"],  # the default's step made N-FGSM's
+    "mismatch-attack": ["--match-attack-loss", "mismatch"],  # the default's step raising the feature mismatch
     "adversarial": ["--match-on", "adversarial", "--teacher-input", "clean", "--clean-weight", "1",
                     "--match-eps-warmup", "0.3"],
     "adversarial-kd": ["--match-on", "adversarial", "--teacher-input", "clean", "--clean-weight", "1",

@@ -1,6 +1,6 @@
 """rrm-hub: transfer adversarial robustness from any robust model on the Hub into a timm student."""
 
-from .attacks import Attack, fgsm, pgd
+from .attacks import Attack, fgsm, nfgsm, pgd
 from .checks import GradientMaskingWarning, MaskingChecks
 from .data import EMBEDDED_MNIST, ImageData, load_image_data, make_loader
 from .errors import RRMError
@@ -16,7 +16,7 @@ from .train import TrainConfig, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attack", "fgsm", "pgd", "EMBEDDED_MNIST", "ImageData", "load_image_data", "make_loader", "RRMError",
+    "Attack", "fgsm", "nfgsm", "pgd", "EMBEDDED_MNIST", "ImageData", "load_image_data", "make_loader", "RRMError",
     "eps_sweep", "evaluate", "evaluate_suite", "attack_suite", "TorchAttack", "MaskingChecks",
     "GradientMaskingWarning", "FeatureTap", "default_layer", "list_layers", "PixelModel", "PixelPreprocess",
     "create_pixel_model", "RRM", "AdversarialTraining", "Natural", "RRMStudent", "DEFAULT_TEACHER",

@@ -6,7 +6,7 @@ The attack never changes the model's mode or its parameters' gradients; callers 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,11 @@ def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Attack:
-    """A (random-start) projected gradient attack; `steps=1` with `step_size=1.25 * eps` is FGSM-RS."""
+    """A (random-start) projected gradient attack; `steps=1` with `step_size=1.25 * eps` is FGSM-RS.
+
+    `start_eps` sizes the random start (default `eps`); `bounded=False` keeps the steps' sum unprojected
+    (only clipped to valid pixels), as N-FGSM does for training; evaluation attacks stay bounded.
+    """
 
     eps: float
     norm: str = "linf"
@@ -69,6 +73,8 @@ class Attack:
     step_size: float | None = None  # default 2.5 * eps / steps (Madry et al.)
     random_start: bool = True
     restarts: int = 1
+    start_eps: float | None = None
+    bounded: bool = True
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -82,10 +88,16 @@ class Attack:
     def alpha(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
+    def scaled(self, factor: float) -> Attack:
+        """The same attack with epsilon, step size and random start all scaled by `factor` (an epsilon warm-up)."""
+        step_size = None if self.step_size is None else self.step_size * factor
+        start_eps = None if self.start_eps is None else self.start_eps * factor
+        return replace(self, eps=self.eps * factor, step_size=step_size, start_eps=start_eps)
+
     @property
     def name(self) -> str:
         if self.steps == 1:
-            return "fgsm"
+            return "fgsm" if self.bounded else "nfgsm"
         return f"pgd{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,22 +123,33 @@ class Attack:
         return best
 
     def maximize(self, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """One run (no restarts) of projected gradient ascent on any `loss_of(x_adv)` inside the eps-ball."""
+        """One run (no restarts) of projected gradient ascent on any `loss_of(x_adv)` inside the eps-ball (or, with
+        `bounded=False`, from the random start without projection)."""
         x = x.detach()
-        delta = random_perturbation(x, self.eps, self.norm) if self.random_start else torch.zeros_like(x)
+        start = self.eps if self.start_eps is None else self.start_eps
+        delta = random_perturbation(x, start, self.norm) if self.random_start else torch.zeros_like(x)
         delta = ((x + delta).clamp(0, 1) - x).detach()
         for _ in range(self.steps):
             delta.requires_grad_(True)
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(loss_of(x + delta), delta)
             delta = delta.detach() + self.alpha * ascent_direction(grad, self.norm)
-            delta = ((x + project(delta, self.eps, self.norm)).clamp(0, 1) - x).detach()
+            if self.bounded:
+                delta = project(delta, self.eps, self.norm)
+            delta = ((x + delta).clamp(0, 1) - x).detach()
         return x + delta
 
 
 def fgsm(eps: float, norm: str = "linf") -> Attack:
     """FGSM with a random start (Wong et al., "Fast is better than free"): one step of 1.25 * eps."""
     return Attack(eps=eps, norm=norm, steps=1, step_size=1.25 * eps, random_start=True)
+
+
+def nfgsm(eps: float, norm: str = "linf", noise_scale: float = 2.0) -> Attack:
+    """N-FGSM (de Jorge et al., "Make some noise", 2022): a random start of `noise_scale * eps`, one step of `eps`,
+    no projection back into the eps-ball. Same cost as FGSM; avoids its catastrophic overfitting at large eps."""
+    return Attack(eps=eps, norm=norm, steps=1, step_size=eps, random_start=True, start_eps=noise_scale * eps,
+                  bounded=False)
 
 
 def pgd(eps: float, norm: str = "linf", steps: int = 20, restarts: int = 1) -> Attack:

@@ -7,12 +7,12 @@ import weakref
 import torch
 from torch import nn
 
-from .attacks import fgsm, pgd
+from .attacks import fgsm, nfgsm, pgd
 from .errors import RRMError
 from .objectives import RRM, AdversarialTraining, Distillation, FreeAdversarialTraining, Natural
 from .teacher_cache import TeacherCache
 
-METHODS = ("natural", "pgd_at", "fast_at", "free_at", "kd", "rrm", "rrm_clean", "rrm_cached")
+METHODS = ("natural", "pgd_at", "fast_at", "nfgsm_at", "free_at", "kd", "rrm", "rrm_clean", "rrm_cached")
 """`rrm`: RRM as the RRM flags say (recipes/rrm.py's default: adversarial matching); `rrm_clean`: the paper's
 matching on the clean images; `rrm_cached`: the same with the teacher's outputs looked up in a `TeacherCache`."""
 
@@ -27,6 +27,8 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
         return AdversarialTraining(pgd(eps, norm, attack_steps), eps_warmup=eps_warmup)
     if method == "fast_at":
         return AdversarialTraining(fgsm(eps, norm), eps_warmup=eps_warmup)
+    if method == "nfgsm_at":
+        return AdversarialTraining(nfgsm(eps, norm), eps_warmup=eps_warmup)
     if method == "free_at":
         return FreeAdversarialTraining(eps, norm, replays)
     if method in ("kd", "rrm", "rrm_clean", "rrm_cached") and teacher is None:

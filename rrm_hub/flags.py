@@ -114,7 +114,8 @@ def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
     group.add_argument("--match-on", choices=["clean", "noise", "adversarial"], default="adversarial",
                        help="adversarial (default): student inputs moved by one signed-gradient step (FGSM with a "
-                       "random start) that maximises the mismatch, one more student forward/backward per step; "
+                       "random start; --match-attack-loss says what it raises), one more student forward/backward "
+                       "per step; "
                        "clean: the paper's method; noise: inputs plus random noise (--noise) in the eps-ball")
     group.add_argument("--match-eps", type=float, default=None,
                        help="size of the noise / step for --match-on noise|adversarial (default: --eps)")
@@ -127,6 +128,13 @@ def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
                        "auto: clean for --match-on adversarial, matched otherwise (the better of each in our study)")
     group.add_argument("--match-steps", type=int, default=1, help="signed-gradient steps of --match-on adversarial "
                        "(1: FGSM with random start; each step costs one student forward/backward)")
+    group.add_argument("--match-attack", choices=["fgsm", "n-fgsm"], default="fgsm",
+                       help="the step of --match-on adversarial: fgsm (FGSM with a random start of eps, projected; "
+                       "PGD with --match-steps > 1) or n-fgsm (random start of 2 eps, a step of eps, not projected)")
+    group.add_argument("--match-attack-loss", choices=["ce", "mismatch"], default="ce",
+                       help="what the step of --match-on adversarial raises: the student's cross-entropy on the "
+                       "labels (default, as ARD crafts its examples) or the feature mismatch with the teacher; the "
+                       "same cost")
     group.add_argument("--clean-weight", type=float, default=0.0,
                        help="also match on the clean images with this weight (the student runs on both)")
     group.add_argument("--match-eps-warmup", type=float, default=0.5,
@@ -174,7 +182,8 @@ def rrm_options(args: argparse.Namespace) -> dict:
             "match_on": args.match_on, "eps": args.eps if args.match_eps is None else args.match_eps,
             "norm": args.norm, "kd_weight": args.kd_weight, "temperature": args.kd_temperature,
             "eps_warmup": args.match_eps_warmup, "noise": args.noise, "teacher_input": teacher_input(args),
-            "clean_weight": args.clean_weight, "steps": args.match_steps}
+            "clean_weight": args.clean_weight, "steps": args.match_steps,
+            "attack": args.match_attack, "attack_loss": args.match_attack_loss}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """Training objectives: each maps (model, pixels, labels) to (loss, logs). The loop in `train.py` is shared.
 
 - `Natural`: cross-entropy on clean images.
-- `AdversarialTraining`: cross-entropy on attacked images (PGD-AT with `pgd`, fast-AT with `fgsm`).
+- `AdversarialTraining`: cross-entropy on attacked images (PGD-AT with `pgd`, fast-AT with `fgsm`, N-FGSM-AT
+  with `nfgsm`).
 - `FreeAdversarialTraining`: free-AT, minibatch replays with a persistent perturbation.
 - `Distillation`: logit distillation from the teacher (KD).
 - `RRM`: Robust Representation Matching, `w_ce * CE + w_feat * (1 - cos(z_S, z_T))`, at one or several
@@ -10,14 +11,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import align
-from .attacks import Attack, ascent_direction, fgsm, pgd, project, random_perturbation
+from .attacks import Attack, ascent_direction, fgsm, nfgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
 from .teacher_cache import CLEAN_ONLY, TeacherCache
@@ -50,13 +49,11 @@ class AdversarialTraining:
     def __init__(self, attack: Attack, name: str | None = None, eps_warmup: float = 0.0):
         self.attack = self.current = attack
         self.eps_warmup = eps_warmup
-        self.name = name or ("fast_at" if attack.steps == 1 else "pgd_at")
+        self.name = name or {"fgsm": "fast_at", "nfgsm": "nfgsm_at"}.get(attack.name, "pgd_at")
 
     def schedule(self, progress: float) -> None:
         """Called by the training loop with the fraction of training done."""
-        scale = warmup_scale(progress, self.eps_warmup)
-        step_size = None if self.attack.step_size is None else self.attack.step_size * scale
-        self.current = replace(self.attack, eps=self.attack.eps * scale, step_size=step_size)
+        self.current = self.attack.scaled(warmup_scale(progress, self.eps_warmup))
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         x_adv = self.current(model, x, y)
@@ -147,7 +144,10 @@ class RRM:
       corners, "gaussian"), for teacher and student alike (one teacher forward, same as "clean");
     - "adversarial": on images moved by `steps` signed-gradient steps (from a random start; one step is
       FGSM-RS) that maximise the student's mismatch with the teacher's clean representation (`steps` more
-      student forward/backwards).
+      student forward/backwards); `attack="n-fgsm"` makes the one step N-FGSM's (a random start of 2 eps, a step
+      of eps, not projected back into the ball; de Jorge et al., 2022), against catastrophic overfitting at large eps.
+      `attack_loss="ce"` moves the images to raise the student's cross-entropy on the labels instead of the
+      mismatch (as ARD crafts its examples); the same cost.
     `teacher_input="clean"` gives the student's perturbed view the teacher's clean representation as target
     (as adversarial distillation does) instead of the teacher's view of the same perturbed image.
     `clean_weight > 0` also matches the clean images (the student runs on both: twice the batch).
@@ -159,6 +159,8 @@ class RRM:
     name = "rrm"
     MATCH_ON = ("clean", "noise", "adversarial")
     TEACHER_INPUTS = ("matched", "clean")
+    ATTACKS = ("fgsm", "n-fgsm")
+    ATTACK_LOSSES = ("mismatch", "ce")
 
     def __init__(
         self,
@@ -177,6 +179,8 @@ class RRM:
         teacher_input: str = "matched",
         clean_weight: float = 0.0,
         steps: int = 1,
+        attack: str = "fgsm",
+        attack_loss: str = "mismatch",
         cache: TeacherCache | None = None,
         pairs: list[dict] | None = None,
     ):
@@ -200,7 +204,13 @@ class RRM:
         self.teacher_input, self.clean_weight = teacher_input, clean_weight
         if steps < 1:
             raise RRMError(f"--match-steps must be >= 1, got {steps}")
-        self.steps = steps
+        if attack not in self.ATTACKS:
+            raise RRMError(f"unknown --match-attack '{attack}'; use one of {', '.join(self.ATTACKS)}")
+        if attack == "n-fgsm" and steps > 1:
+            raise RRMError("--match-attack n-fgsm takes one step; drop --match-steps or use --match-attack fgsm")
+        if attack_loss not in self.ATTACK_LOSSES:
+            raise RRMError(f"unknown --match-attack-loss '{attack_loss}'; use one of {', '.join(self.ATTACK_LOSSES)}")
+        self.steps, self.attack, self.attack_loss = steps, attack, attack_loss
         self.kd_weight, self.temperature = kd_weight, temperature
         self.eps_warmup, self.current_eps = eps_warmup, eps
         if cache is not None and self.pairs:
@@ -255,27 +265,37 @@ class RRM:
         for tap in self.taps.values():
             tap.remove()
 
-    def matching_inputs(self, model: nn.Module, x: torch.Tensor, clean_target: torch.Tensor | None = None
-                        ) -> torch.Tensor:
-        """The images on which teacher and student are matched (`clean_target`: the teacher's clean features)."""
+    def matching_attack(self) -> Attack:
+        """The attack that moves the matching inputs at the current epsilon: FGSM-RS, N-FGSM or PGD."""
+        if self.steps > 1:
+            return pgd(self.current_eps, self.norm, self.steps)
+        return nfgsm(self.current_eps, self.norm) if self.attack == "n-fgsm" else fgsm(self.current_eps, self.norm)
+
+    def matching_inputs(self, model: nn.Module, x: torch.Tensor, clean_target: torch.Tensor | None = None,
+                        y: torch.Tensor | None = None) -> torch.Tensor:
+        """The images on which teacher and student are matched (`clean_target`: the teacher's clean features;
+        `y`: the labels, which `attack_loss="ce"` needs)."""
         if self.match_on == "noise":
             return (x + random_perturbation(x, self.current_eps, self.norm, self.noise)).clamp(0, 1)
-        if self.match_on == "adversarial":
-            if clean_target is None:
-                clean_target = self.teacher_outputs(x)[1]
-            student = unwrap(model)
-            attack = fgsm(self.current_eps, self.norm) if self.steps == 1 else pgd(self.current_eps, self.norm,
-                                                                                   self.steps)
-            return attack.maximize(
-                lambda x_adv: self.mismatch(student(x_adv, return_features=True)[1], clean_target)[0], x)
-        return x
+        if self.match_on != "adversarial":
+            return x
+        student = unwrap(model)
+        if self.attack_loss == "ce":
+            if y is None:
+                raise RRMError("attack_loss='ce' moves the images against the labels: pass y")
+            return self.matching_attack().maximize(lambda x_adv: F.cross_entropy(student(x_adv), y), x)
+        if clean_target is None:
+            clean_target = self.teacher_outputs(x)[1]
+        return self.matching_attack().maximize(
+            lambda x_adv: self.mismatch(student(x_adv, return_features=True)[1], clean_target)[0], x)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         perturbed = self.match_on != "clean"
-        needs_clean_teacher = not perturbed or self.match_on == "adversarial" or self.teacher_input == "clean" \
-            or self.clean_weight > 0
+        attacks_mismatch = self.match_on == "adversarial" and self.attack_loss == "mismatch"
+        needs_clean_teacher = (not perturbed or attacks_mismatch or self.teacher_input == "clean"
+                               or self.clean_weight > 0)
         clean = self.teacher_outputs(x) if needs_clean_teacher else None
-        x_view = self.matching_inputs(model, x, clean[1] if clean else None)
+        x_view = self.matching_inputs(model, x, clean[1] if clean else None, y)
         same_as_clean = not perturbed or self.teacher_input == "clean"
         target_logits, target = clean if same_as_clean else self.teacher_outputs(x_view)
         both = perturbed and self.clean_weight > 0

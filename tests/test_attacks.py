@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rrm_hub import Attack, RRMError, evaluate, fgsm, make_loader, pgd
+from rrm_hub import Attack, RRMError, evaluate, fgsm, make_loader, nfgsm, pgd
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,23 @@ def test_perturbations_stay_in_the_ball_and_the_image_range(undefended, batch, n
         assert (size <= eps + 1e-5).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert all(p.grad is None for p in undefended.parameters())  # attacks leave the model alone
+
+
+def test_nfgsm_leaves_the_ball_by_design_but_not_the_image_range(undefended, batch):
+    """N-FGSM: random start of 2 eps plus a step of eps, unprojected: up to 3 eps per pixel, often past eps."""
+    x, y = batch
+    torch.manual_seed(0)
+    x_adv = nfgsm(0.1)(undefended, x, y)
+    size = (x_adv - x).abs().flatten(1).max(dim=1).values
+    assert (size <= 0.3 + 1e-5).all() and (size > 0.1 + 1e-3).float().mean() > 0.9
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    torch.manual_seed(0)
+    bounded = Attack(0.1, steps=1, step_size=0.1, start_eps=0.2)(undefended, x, y)  # the same, projected
+    assert (bounded - x).abs().max() <= 0.1 + 1e-6
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():  # one step of eps from a noisy start: a stronger attack than the noise alone
+        noisy = (x + torch.empty_like(x).uniform_(-0.2, 0.2)).clamp(0, 1)
+        assert loss(undefended(x_adv), y) > loss(undefended(noisy), y)
 
 
 def test_pgd_drives_an_undefended_model_to_zero(undefended, mnist):

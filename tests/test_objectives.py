@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rrm_hub import RRM, AdversarialTraining, RRMStudent, fgsm, pgd
+from rrm_hub import RRM, AdversarialTraining, RRMError, RRMStudent, fgsm, nfgsm, pgd
 from rrm_hub.objectives import feature_loss
 
 
@@ -63,6 +63,10 @@ def test_adversarial_training_warms_up_epsilon():
     objective.schedule(0.9)
     assert objective.current.eps == 0.3 and objective.name == "pgd_at"
     assert AdversarialTraining(fgsm(0.3)).name == "fast_at"
+    n_fgsm = AdversarialTraining(nfgsm(0.3), eps_warmup=0.5)
+    n_fgsm.schedule(0.25)  # N-FGSM's noise (2 eps) and step (eps) follow the warm-up too
+    assert n_fgsm.name == "nfgsm_at" and not n_fgsm.current.bounded
+    assert (n_fgsm.current.eps, n_fgsm.current.step_size, n_fgsm.current.start_eps) == pytest.approx((0.15, 0.15, 0.3))
 
 
 def test_adversarial_matching_finds_a_worse_mismatch_inside_the_ball(teacher, student):
@@ -143,3 +147,42 @@ def test_adversarial_matching_with_clean_targets_and_a_clean_anchor(teacher, stu
                                                               objective.teacher_outputs(x)[1]), atol=1e-5)
     with pytest.raises(Exception, match="match-steps"):
         RRM(teacher, match_on="adversarial", steps=0)
+
+
+def test_nfgsm_matching_steps_outside_the_ball_and_is_refused_with_several_steps(teacher, student):
+    x = torch.rand(8, 1, 28, 28)
+    objective = RRM(teacher, match_on="adversarial", eps=0.1, attack="n-fgsm")
+    assert objective.matching_attack().name == "nfgsm" and not objective.matching_attack().bounded
+    torch.manual_seed(0)
+    moved = objective.matching_inputs(student, x)
+    assert 0.1 + 1e-3 < (moved - x).abs().max() <= 0.3 + 1e-6 and moved.min() >= 0 and moved.max() <= 1
+    objective.eps_warmup = 0.5
+    objective.schedule(0.25)  # the warm-up scales N-FGSM's step and noise alike
+    assert objective.matching_attack().eps == pytest.approx(0.05)
+    assert objective.matching_attack().start_eps == pytest.approx(0.1)
+    with pytest.raises(RRMError, match="one step"):
+        RRM(teacher, match_on="adversarial", attack="n-fgsm", steps=2)
+    with pytest.raises(RRMError, match="match-attack"):
+        RRM(teacher, match_on="adversarial", attack="pgd-ish")
+
+
+def test_ce_driven_matching_raises_the_students_loss_and_spares_the_teachers_clean_pass(teacher, student):
+    """attack_loss="ce": the step raises the student's cross-entropy (ARD's examples); with the teacher's view of
+    the moved images as target, the teacher runs once, on those images only."""
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    student.eval()
+    objective = RRM(teacher, match_on="adversarial", eps=0.1, attack_loss="ce", teacher_input="matched")
+    torch.manual_seed(0)
+    moved = objective.matching_inputs(student, x, y=y)
+    assert (moved - x).abs().max() <= 0.1 + 1e-6
+    with torch.no_grad():
+        assert F.cross_entropy(student(moved), y) > F.cross_entropy(student(x), y)
+    seen = []
+    handle = teacher.preprocess.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    objective(student, x, y)
+    handle.remove()
+    assert len(seen) == 1 and not torch.equal(seen[0], x)
+    with pytest.raises(RRMError, match="pass y"):
+        objective.matching_inputs(student, x)
+    with pytest.raises(RRMError, match="match-attack-loss"):
+        RRM(teacher, match_on="adversarial", attack_loss="kl")

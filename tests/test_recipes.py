@@ -36,13 +36,17 @@ def test_rrm_recipe_through_accelerate_launch(tmp_path):
     assert metrics["teacher_robust_accuracy"]["pgd3"] > 0.5  # the bundled teacher is robust
     student = RRMStudent.from_pretrained(out)
     assert student(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    assert "model-index" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "model-index" in card  # the card says how the default (adversarial) matching moved the images
+    assert "single-step attack on the student" in card and "raising the student's cross-entropy" in card
+    assert "no adversarial examples" not in card
+    assert metrics["rrm_options"]["attack_loss"] == "ce" and metrics["rrm_options"]["attack"] == "fgsm"
 
 
 def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path):
     out = tmp_path / "teacher"
     args = ["recipes/adversarial_train.py", "--model", "resnet18", "--model-kwargs", "layers=(1,1,1,1)",
-            "channels=(8,8,8,8)", "--method", "fast_at", *QUICK, "--output-dir", str(out)]
+            "channels=(8,8,8,8)", "--method", "nfgsm_at", *QUICK, "--output-dir", str(out)]
     result = run_recipe(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= {p.name for p in out.iterdir()}
