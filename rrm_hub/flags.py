@@ -113,9 +113,8 @@ def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
     group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
     group.add_argument("--match-on", choices=["clean", "noise", "adversarial"], default="adversarial",
-                       help="adversarial (default): student inputs moved by one signed-gradient step (FGSM with a "
-                       "random start; --match-attack-loss says what it raises), one more student forward/backward "
-                       "per step; "
+                       help="adversarial (default): student inputs moved by --match-steps signed-gradient steps "
+                       "(--match-attack, --match-attack-loss), one more student forward/backward per step; "
                        "clean: the paper's method; noise: inputs plus random noise (--noise) in the eps-ball")
     group.add_argument("--match-eps", type=float, default=None,
                        help="size of the noise / step for --match-on noise|adversarial (default: --eps)")
@@ -125,7 +124,8 @@ def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     group.add_argument("--teacher-input", choices=["auto", "matched", "clean"], default="auto",
                        help="what the teacher sees: the same perturbed image as the student (matched), or the "
                        "clean image (its clean representation is the target, as in adversarial distillation); "
-                       "auto: clean for --match-on adversarial, matched otherwise (the better of each in our study)")
+                       "auto: clean for --match-on adversarial, matched otherwise (the better of each in our study, "
+                       "measured with --match-attack-loss mismatch)")
     group.add_argument("--match-steps", type=int, default=1, help="signed-gradient steps of --match-on adversarial "
                        "(1: FGSM with random start; each step costs one student forward/backward)")
     group.add_argument("--match-attack", choices=["fgsm", "n-fgsm"], default="fgsm",

@@ -147,7 +147,8 @@ class RRM:
       student forward/backwards); `attack="n-fgsm"` makes the one step N-FGSM's (a random start of 2 eps, a step
       of eps, not projected back into the ball; de Jorge et al., 2022), against catastrophic overfitting at large eps.
       `attack_loss="ce"` moves the images to raise the student's cross-entropy on the labels instead of the
-      mismatch (as ARD crafts its examples); the same cost.
+      mismatch (as ARD crafts its examples); the same cost. (Defaults here are the paper's and the first
+      variants'; `recipes/rrm.py` defaults to adversarial matching with `attack_loss="ce"`.)
     `teacher_input="clean"` gives the student's perturbed view the teacher's clean representation as target
     (as adversarial distillation does) instead of the teacher's view of the same perturbed image.
     `clean_weight > 0` also matches the clean images (the student runs on both: twice the batch).
@@ -206,7 +207,7 @@ class RRM:
             raise RRMError(f"--match-steps must be >= 1, got {steps}")
         if attack not in self.ATTACKS:
             raise RRMError(f"unknown --match-attack '{attack}'; use one of {', '.join(self.ATTACKS)}")
-        if attack == "n-fgsm" and steps > 1:
+        if attack == "n-fgsm" and steps > 1 and match_on == "adversarial":
             raise RRMError("--match-attack n-fgsm takes one step; drop --match-steps or use --match-attack fgsm")
         if attack_loss not in self.ATTACK_LOSSES:
             raise RRMError(f"unknown --match-attack-loss '{attack_loss}'; use one of {', '.join(self.ATTACK_LOSSES)}")

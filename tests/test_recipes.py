@@ -38,7 +38,8 @@ def test_rrm_recipe_through_accelerate_launch(tmp_path):
     assert student(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     card = (out / "README.md").read_text()
     assert "model-index" in card  # the card says how the default (adversarial) matching moved the images
-    assert "single-step attack on the student" in card and "raising the student's cross-entropy" in card
+    assert "cheap attack on the student" in card and "1-step attack within eps 0.3, raising the student's " \
+        "cross-entropy" in card
     assert "no adversarial examples" not in card
     assert metrics["rrm_options"]["attack_loss"] == "ce" and metrics["rrm_options"]["attack"] == "fgsm"
 
@@ -52,7 +53,8 @@ def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path):
     assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= {p.name for p in out.iterdir()}
     teacher = load_teacher(str(out))
     assert teacher.num_classes == 10 and teacher(torch.rand(1, 1, 28, 28)).shape == (1, 10)
-    assert "recipes/adversarial_train.py" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "recipes/adversarial_train.py" in card and "N-FGSM-AT" in card and "N-FGSM (random start of 2 eps" in card
 
 
 @pytest.fixture(scope="module")
