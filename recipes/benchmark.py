@@ -40,6 +40,11 @@ REFERENCE = "natural_pad0"
 UNAUGMENTED = ("rrm_cached", REFERENCE)
 
 
+def unaugmented_reference(results: dict) -> str:
+    """The run rrm_cached's step cost is stated against: natural_pad0, or natural when that ran unaugmented."""
+    return REFERENCE if REFERENCE in results else "natural"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -78,10 +83,9 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     config.output_dir = None  # timed runs: no checkpoints
     if method == "free_at":  # the same number of passes over the data as the others
         config.epochs = max(1, math.ceil(args.epochs / args.replays))
-    pad = 0 if method in UNAUGMENTED else args.pad
-    loader = (make_loader(data, "train", args.batch_size, augment=True, seed=args.seed, pad=0,
-                          num_workers=args.num_workers) if method in UNAUGMENTED else flags.train_loader(data, args))
-    run = train(student, objective, loader, accelerator, config, flags.epoch_check(data, args, accelerator))
+    augment = method not in UNAUGMENTED
+    run = train(student, objective, flags.train_loader(data, args, augment), accelerator, config,
+                flags.epoch_check(data, args, accelerator))
     student = accelerator.unwrap_model(student)
     x, y = next(iter(make_loader(data, "train", args.batch_size)))  # after training: the probe changes no state
     memory = step_memory(student, objective, x.to(accelerator.device), y.to(accelerator.device))
@@ -90,7 +94,7 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
              for h in run["history"]]
     extra = {"cache_build_seconds": round(cache_seconds, 2)} if cache is not None else {}
-    return {"epochs": run["epochs"], "steps": run["steps"], "pad": pad,
+    return {"epochs": run["epochs"], "steps": run["steps"], "pad": args.pad if augment else 0,
             "total_seconds": round(run["train_seconds"] + cache_seconds, 2), **extra,
             "seconds_per_epoch": round(run["train_seconds"] / run["epochs"], 3),
             "seconds_per_step": round(run["train_seconds"] / run["steps"], 5),
@@ -150,7 +154,7 @@ def summarize(results: dict, args) -> None:
     # a PGD-AT student no better than twice chance (a constant guess is "robust") gives no meaningful target
     args.target = round(args.target_fraction * reference, 4) if reference and reference > 2 * chance else None
     natural = results.get("natural", {}).get("seconds_per_step")
-    unaugmented = results.get(REFERENCE, {}).get("seconds_per_step") or natural  # else natural is unaugmented
+    unaugmented = results.get(unaugmented_reference(results), {}).get("seconds_per_step")
     for method, result in results.items():
         result["time_to_target_seconds"] = None if args.target is None else time_to_target(result["curve"],
                                                                                            args.target)
@@ -164,7 +168,7 @@ def ratios(results: dict) -> dict:
         x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
         return round(x / y, 3) if x and y else None
 
-    reference = REFERENCE if REFERENCE in results else "natural"
+    reference = unaugmented_reference(results)
     return {
         "rrm_step_over_natural_step": ratio("rrm", "natural", "seconds_per_step"),
         "rrm_clean_step_over_natural_step": ratio("rrm_clean", "natural", "seconds_per_step"),
@@ -191,7 +195,7 @@ def markdown_table(results: dict, args) -> str:
                  num(r["time_to_target_seconds"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if "rrm_cached" in results:
-        reference = REFERENCE if REFERENCE in results else "natural"
+        reference = unaugmented_reference(results)
         lines.append(f"\nrrm_cached: clean matching with the teacher's outputs cached (built in "
                      f"{results['rrm_cached']['cache_build_seconds']:.1f}s, counted in its total); it trains without "
                      f"augmentation, so its step cost is against {reference} (natural training on the same "

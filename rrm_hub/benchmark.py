@@ -35,15 +35,15 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
         raise RRMError(f"method '{method}' needs a teacher")
     if method == "kd":
         return Distillation(teacher)
+    options = {"eps": eps, "norm": norm, **(rrm_options or {})}
     if method == "rrm":
-        return RRM(teacher, teacher_layer, **{"eps": eps, "norm": norm, **(rrm_options or {})})
+        return RRM(teacher, teacher_layer, **options)
     if method == "rrm_clean":
-        return RRM(teacher, teacher_layer, **{"eps": eps, "norm": norm, **(rrm_options or {}), "match_on": "clean"})
+        return RRM(teacher, teacher_layer, **{**options, "match_on": "clean"})
     if method == "rrm_cached":
         if cache is None:
             raise RRMError("method 'rrm_cached' needs a teacher cache (rrm_hub.teacher_cache.TeacherCache)")
-        options = {"eps": eps, "norm": norm, **(rrm_options or {}), "match_on": "clean"}
-        return RRM(teacher, teacher_layer, cache=cache, **options)
+        return RRM(teacher, teacher_layer, cache=cache, **{**options, "match_on": "clean"})
     raise RRMError(f"unknown method '{method}'; use some of {', '.join(METHODS)}")
 
 

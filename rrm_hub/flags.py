@@ -16,8 +16,11 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 
+from .align import MODES
+from .attacks import NOISES
 from .data import ImageData, load_image_data, make_loader
 from .errors import RRMError
+from .objectives import RRM
 from .train import TrainConfig
 
 
@@ -88,7 +91,7 @@ def add_match_args(group) -> None:
                        help="match this pair of layers (repeatable; replaces --teacher-layer/--student-layer); "
                        "student layer 'penultimate' (or empty) is the projected penultimate representation; "
                        "weight default 1")
-    group.add_argument("--match-mode", choices=["pooled", "spatial"], default="pooled",
+    group.add_argument("--match-mode", choices=MODES, default="pooled",
                        help="pooled: one vector per image; spatial: maps and tokens on a common grid, cosine per "
                        "location (pairs of two vectors stay vectors)")
 
@@ -112,26 +115,26 @@ def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
     group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
     group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
-    group.add_argument("--match-on", choices=["clean", "noise", "adversarial"], default="adversarial",
+    group.add_argument("--match-on", choices=RRM.MATCH_ON, default="adversarial",
                        help="adversarial (default): student inputs moved by --match-steps signed-gradient steps "
                        "(--match-attack, --match-attack-loss), one more student forward/backward per step; "
                        "clean: the paper's method; noise: inputs plus random noise (--noise) in the eps-ball")
     group.add_argument("--match-eps", type=float, default=None,
                        help="size of the noise / step for --match-on noise|adversarial (default: --eps)")
-    group.add_argument("--noise", choices=["uniform", "sign", "gaussian"], default="uniform",
+    group.add_argument("--noise", choices=NOISES, default="uniform",
                        help="noise of --match-on noise: uniform in the eps-ball, sign (its corners), gaussian "
                        "(standard deviation --match-eps)")
-    group.add_argument("--teacher-input", choices=["auto", "matched", "clean"], default="auto",
+    group.add_argument("--teacher-input", choices=["auto", *RRM.TEACHER_INPUTS], default="auto",
                        help="what the teacher sees: the same perturbed image as the student (matched), or the "
                        "clean image (its clean representation is the target, as in adversarial distillation); "
                        "auto: clean for --match-on adversarial, matched otherwise (the better of each in our study, "
                        "measured with --match-attack-loss mismatch)")
     group.add_argument("--match-steps", type=int, default=1, help="signed-gradient steps of --match-on adversarial "
                        "(1: FGSM with random start; each step costs one student forward/backward)")
-    group.add_argument("--match-attack", choices=["fgsm", "n-fgsm"], default="fgsm",
+    group.add_argument("--match-attack", choices=RRM.ATTACKS, default="fgsm",
                        help="the step of --match-on adversarial: fgsm (FGSM with a random start of eps, projected; "
                        "PGD with --match-steps > 1) or n-fgsm (random start of 2 eps, a step of eps, not projected)")
-    group.add_argument("--match-attack-loss", choices=["ce", "mismatch"], default="ce",
+    group.add_argument("--match-attack-loss", choices=RRM.ATTACK_LOSSES, default="ce",
                        help="what the step of --match-on adversarial raises: the student's cross-entropy on the "
                        "labels (default, as ARD crafts its examples) or the feature mismatch with the teacher; the "
                        "same cost")
@@ -249,9 +252,9 @@ def load_data(args: argparse.Namespace) -> ImageData:
                            test_split=args.test_split, image_size=args.image_size, seed=args.seed)
 
 
-def train_loader(data: ImageData, args: argparse.Namespace) -> DataLoader:
-    """The shuffled, augmented training loader for the data and training flags."""
-    return make_loader(data, "train", args.batch_size, augment=True, seed=args.seed, pad=args.pad,
+def train_loader(data: ImageData, args: argparse.Namespace, augment: bool = True) -> DataLoader:
+    """The shuffled training loader for the data and training flags; `augment=False` drops --pad and --hflip."""
+    return make_loader(data, "train", args.batch_size, augment=augment, seed=args.seed, pad=args.pad,
                        hflip=args.hflip, num_workers=args.num_workers)
 
 

@@ -174,11 +174,11 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
                                      match.student_layer or align.PENULTIMATE)
             teacher_shape = list(pair["teacher_shape"])
             pair["grid"] = align.common_grid(match, pair["mode"], teacher_shape, shape)
-            if pair["grid"] is None:
-                pair["mode"] = "pooled"  # two vectors: nothing spatial to match
             if pair["grid"] is not None:
                 aligners[str(i)] = nn.Conv2d(shape[0], teacher_shape[0], kernel_size=1)
-            elif pair["student_layer"] is None and shape[0] == teacher_shape[0]:
+                continue
+            pair["mode"] = "pooled"  # matched as vectors
+            if pair["student_layer"] is None and shape[0] == teacher_shape[0]:
                 aligners[str(i)] = nn.Identity()  # the projection the classifier reads is the match
             else:
                 aligners[str(i)] = nn.Linear(shape[0], teacher_shape[0])
