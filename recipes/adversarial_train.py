@@ -16,6 +16,7 @@ from rrm_hub.benchmark import make_objective
 from rrm_hub.cards import hardware, plot_sweeps, render_card, save_json
 from rrm_hub.errors import cli
 from rrm_hub.evaluate import robustness_report
+from rrm_hub.memory import PerturbationMemory
 from rrm_hub.models import save_timm_folder
 
 
@@ -23,9 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18", help="timm architecture")
     parser.add_argument("--model-kwargs", nargs="*", default=[], help="key=value for timm.create_model")
-    parser.add_argument("--method", choices=["pgd_at", "fast_at", "nfgsm_at"], default="pgd_at",
+    parser.add_argument("--method", choices=["pgd_at", "fast_at", "nfgsm_at", "atta_at"], default="pgd_at",
                         help="pgd_at: PGD with --attack-steps; fast_at: FGSM with a random start; nfgsm_at: "
-                        "N-FGSM (random start of 2 eps, a step of eps, not projected)")
+                        "N-FGSM (random start of 2 eps, a step of eps, not projected); atta_at: one step of 0.5 eps "
+                        "an epoch from where the image's attack ended the epoch before (ATTA)")
     parser.add_argument("--attack-steps", type=int, default=7, help="PGD steps while training (pgd_at)")
     parser.add_argument("--eps-warmup", type=float, default=0.3,
                         help="ramp epsilon up from 0 over this fraction of training (0: off)")
@@ -45,11 +47,13 @@ def main(argv: list[str] | None = None) -> dict:
                                data.class_names)
 
     # 2. the objective: cross-entropy on adversarial examples from the one attack implementation
+    memory = PerturbationMemory.for_training_images(data) if args.method == "atta_at" else None
     objective = make_objective(args.method, eps=args.eps, norm=args.norm, attack_steps=args.attack_steps,
-                               eps_warmup=args.eps_warmup)
+                               eps_warmup=args.eps_warmup, memory=memory)
 
     # 3. train
-    run = train(model, objective, flags.train_loader(data, args), accelerator, flags.train_config(args),
+    run = train(model, objective, flags.train_loader(data, args, objective=objective), accelerator,
+                flags.train_config(args),
                 flags.epoch_check(data, args, accelerator))
     model = accelerator.unwrap_model(model)
 

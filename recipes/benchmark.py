@@ -29,6 +29,7 @@ from rrm_hub.benchmark import METHODS, make_objective, step_memory, time_to_targ
 from rrm_hub.cards import hardware, plot_curves, save_json
 from rrm_hub.errors import cli
 from rrm_hub.features import default_layer, feature_width
+from rrm_hub.memory import PerturbationMemory
 from rrm_hub.teacher_cache import TeacherCache
 
 QUICK = {"epochs": 8, "epoch_eval_examples": 200, "eval_examples": 500}
@@ -67,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def method_memory(method: str, args, data) -> PerturbationMemory | None:
+    """The perturbation memory `method` carries from epoch to epoch, or None."""
+    if method == "atta_at":
+        return PerturbationMemory.for_training_images(data)
+    return flags.perturbation_memory(args, data) if method == "rrm" else None
+
+
 def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, accelerator,
                cache: TeacherCache | None = None, cache_seconds: float = 0.0) -> dict:
     """Train a fresh student with `method` and measure it (`cache_seconds`: the cache's build, counted in
@@ -78,17 +86,19 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     objective = make_objective("natural" if method == REFERENCE else method, eps=args.eps, norm=args.norm,
                                teacher=teacher, teacher_layer=teacher_layer,
                                attack_steps=args.attack_steps, replays=args.replays, eps_warmup=args.eps_warmup,
-                               rrm_options=flags.rrm_options(args), cache=cache)
+                               rrm_options=flags.rrm_options(args), cache=cache,
+                               memory=method_memory(method, args, data))
     config = flags.train_config(args)
     config.output_dir = None  # timed runs: no checkpoints
     if method == "free_at":  # the same number of passes over the data as the others
         config.epochs = max(1, math.ceil(args.epochs / args.replays))
     augment = method not in UNAUGMENTED
-    run = train(student, objective, flags.train_loader(data, args, augment), accelerator, config,
+    run = train(student, objective, flags.train_loader(data, args, augment, objective), accelerator, config,
                 flags.epoch_check(data, args, accelerator))
     student = accelerator.unwrap_model(student)
-    x, y = next(iter(make_loader(data, "train", args.batch_size)))  # after training: the probe changes no state
-    memory = step_memory(student, objective, x.to(accelerator.device), y.to(accelerator.device))
+    keeps_memory = getattr(objective, "memory", None) is not None
+    batch = next(iter(make_loader(data, "train", args.batch_size, origins=keeps_memory)))  # after training
+    memory = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
     final = evaluate(student, make_loader(data, "test", args.batch_size, limit=args.eval_examples),
                      {"pgd20": pgd(args.eps, args.norm, 20)}, accelerator, desc=f"{method} pgd20")
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}

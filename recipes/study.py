@@ -38,22 +38,26 @@ STUDENTS = {
     "cnn": ["--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(24,48,96,128)",
             "stem_width=24", "output_stride=8", "--lr", "3e-3"],
 }
-ANCHORED = ["--match-on", "adversarial", "--match-attack-loss", "mismatch", "--teacher-input", "clean",
-            "--clean-weight", "1", "--match-eps-warmup", "0.3"]
-"""Adversarial matching with a clean anchor, as the H100 study ran it (the step raised the mismatch then)."""
+ANCHORED = ["--match-on", "adversarial", "--match-attack-loss", "mismatch", "--match-start", "random",
+            "--teacher-input", "clean", "--clean-weight", "1", "--match-eps-warmup", "0.3"]
+"""Adversarial matching with a clean anchor, as the H100 study ran it (then the step raised the mismatch, from a
+random start)."""
 MATCHING = {
     "default": [],  # recipes/rrm.py's defaults
     "clean": ["--match-on", "clean"],  # the paper's method
     "noise": ["--match-on", "noise"],
     "sign-noise": ["--match-on", "noise", "--noise", "sign"],
     "noise-kd": ["--match-on", "noise", "--kd-weight", "1"],
-    "n-fgsm": ["--match-attack", "n-fgsm"],  # the default's step made N-FGSM's
+    "n-fgsm": ["--match-attack", "n-fgsm", "--match-start", "random"],  # the default's step made N-FGSM's
     "mismatch-attack": ["--match-attack-loss", "mismatch"],  # the default's step raising the feature mismatch
+    "random-start": ["--match-start", "random"],  # the default's attack from a random start each time (FGSM-RS)
     "adversarial": ANCHORED,
     "adversarial-kd": ANCHORED + ["--kd-weight", "1"],
     "adversarial-ce": ANCHORED + ["--ce-weight", "0.5"],
 }
 PGD_AT = ["--method", "pgd_at", "--attack-steps", "7", "--eps-warmup", "0.3"]
+ATTA_AT = ["--method", "atta_at", "--epochs", "60", "--eps-warmup", "0.5"]
+"""Adversarial training with the default's attack (carried over epochs) and schedule, without a teacher."""
 
 
 def variants() -> dict[str, tuple[str, list[str]]]:
@@ -66,6 +70,7 @@ def variants() -> dict[str, tuple[str, list[str]]]:
                         for f in student_flags]
                        or ["--model", DEFAULT_STUDENT, "--model-kwargs", *DEFAULT_STUDENT_KWARGS])
         table[f"{student}/pgd_at"] = ("adversarial_train.py", model_flags + PGD_AT)
+        table[f"{student}/atta_at"] = ("adversarial_train.py", model_flags + ATTA_AT)
     return table
 
 

@@ -122,12 +122,18 @@ class Attack:
                 break
         return best
 
-    def maximize(self, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def maximize(self, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 start: torch.Tensor | None = None) -> torch.Tensor:
         """One run (no restarts) of projected gradient ascent on any `loss_of(x_adv)` inside the eps-ball (or, with
-        `bounded=False`, from the random start without projection)."""
+        `bounded=False`, from the random start without projection); `start` (a perturbation, projected into the
+        ball) replaces the random start."""
         x = x.detach()
-        start = self.eps if self.start_eps is None else self.start_eps
-        delta = random_perturbation(x, start, self.norm) if self.random_start else torch.zeros_like(x)
+        if start is not None:
+            delta = project(start.detach(), self.eps, self.norm)
+        elif self.random_start:
+            delta = random_perturbation(x, self.eps if self.start_eps is None else self.start_eps, self.norm)
+        else:
+            delta = torch.zeros_like(x)
         delta = ((x + delta).clamp(0, 1) - x).detach()
         for _ in range(self.steps):
             delta.requires_grad_(True)

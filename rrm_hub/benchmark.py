@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .attacks import fgsm, nfgsm, pgd
 from .errors import RRMError
+from .memory import PerturbationMemory
 from .objectives import RRM, AdversarialTraining, Distillation, FreeAdversarialTraining, Natural
 from .teacher_cache import TeacherCache
 
-METHODS = ("natural", "pgd_at", "fast_at", "nfgsm_at", "free_at", "kd", "rrm", "rrm_clean", "rrm_cached")
+METHODS = ("natural", "pgd_at", "fast_at", "nfgsm_at", "atta_at", "free_at", "kd", "rrm", "rrm_clean", "rrm_cached")
 """`rrm`: RRM as the RRM flags say (recipes/rrm.py's default: adversarial matching); `rrm_clean`: the paper's
 matching on the clean images; `rrm_cached`: the same with the teacher's outputs looked up in a `TeacherCache`."""
 
 
 def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | None = None,
                    teacher_layer: str | None = None, attack_steps: int = 7, replays: int = 4,
-                   eps_warmup: float = 0.3, rrm_options: dict | None = None, cache: TeacherCache | None = None):
-    """The objective of `method` for the threat model (eps, norm); `rrm_cached` needs the teacher's `cache`."""
+                   eps_warmup: float = 0.3, rrm_options: dict | None = None, cache: TeacherCache | None = None,
+                   memory: PerturbationMemory | None = None):
+    """The objective of `method` for the threat model (eps, norm); `rrm_cached` needs the teacher's `cache`;
+    `memory` (a `PerturbationMemory`) carries the perturbations of `atta_at` and `rrm` from epoch to epoch."""
     if method == "natural":
         return Natural()
     if method == "pgd_at":
@@ -29,6 +33,10 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
         return AdversarialTraining(fgsm(eps, norm), eps_warmup=eps_warmup)
     if method == "nfgsm_at":
         return AdversarialTraining(nfgsm(eps, norm), eps_warmup=eps_warmup)
+    if method == "atta_at":  # fast-AT whose steps of 0.5 eps go on from the last epoch's perturbation (ATTA)
+        if memory is None:
+            raise RRMError("method 'atta_at' needs a perturbation memory (rrm_hub.memory.PerturbationMemory)")
+        return AdversarialTraining(replace(fgsm(eps, norm), step_size=0.5 * eps), "atta_at", eps_warmup, memory)
     if method == "free_at":
         return FreeAdversarialTraining(eps, norm, replays)
     if method in ("kd", "rrm", "rrm_clean", "rrm_cached") and teacher is None:
@@ -37,7 +45,7 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
         return Distillation(teacher)
     options = {"eps": eps, "norm": norm, **(rrm_options or {})}
     if method == "rrm":
-        return RRM(teacher, teacher_layer, **options)
+        return RRM(teacher, teacher_layer, memory=memory, **options)
     if method == "rrm_clean":
         return RRM(teacher, teacher_layer, **{**options, "match_on": "clean"})
     if method == "rrm_cached":
@@ -55,7 +63,7 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
     return None
 
 
-def step_memory(model: nn.Module, objective, x: torch.Tensor, y: torch.Tensor) -> dict:
+def step_memory(model: nn.Module, objective, x: torch.Tensor, y: torch.Tensor, *rest: torch.Tensor) -> dict:
     """Memory of one training step of `objective`: the bytes of the storages saved for backward during the step
     (activations, each storage counted once while it lives; a storage freed and then saved again at the same
     address, as an attack's next inner step does, counts again, whatever the allocator reuses), and on CUDA the
@@ -84,7 +92,7 @@ def step_memory(model: nn.Module, objective, x: torch.Tensor, y: torch.Tensor) -
         torch.cuda.reset_peak_memory_stats()
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss, _ = objective(model, x, y)
+        loss, _ = objective(model, x, y, *rest)  # rest: the batch's origins, for an objective that keeps a memory
     loss.backward()
     model.zero_grad(set_to_none=True)
     result = {"saved_activation_bytes": total}

@@ -2,7 +2,8 @@
 
 A checkpoint is written into a `.partial-*` folder and renamed only once complete, so the latest checkpoint
 (the highest `step-*` folder) is never half written, whatever kills the run. `trainer.json` beside the
-accelerate files holds where the loop stood: step, epoch, batches done in the epoch, history.
+accelerate files holds where the loop stood: step, epoch, batches done in the epoch, history;
+`objective.safetensors` the objective's own state, where it has one (`state_dict()`, e.g. a perturbation memory).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 from .errors import RRMError
 
 TRAINER_STATE = "trainer.json"
+OBJECTIVE_STATE = "objective.safetensors"
 PREFIX = "step-"
 
 
@@ -46,8 +49,9 @@ def resolve(spec: str, root: Path) -> Path:
     return path
 
 
-def save(accelerator: Accelerator, root: Path, state: dict, keep: int) -> Path:
-    """Save model, optimizer, scheduler and RNG states plus `state` as `root/step-<state['step']>`.
+def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective=None) -> Path:
+    """Save model, optimizer, scheduler and RNG states plus `state` (and `objective.state_dict()`, if it has one)
+    as `root/step-<state['step']>`.
 
     Every process must call this. A full disk or an unwritable folder raises `RRMError`; earlier
     checkpoints stay as they were.
@@ -63,6 +67,9 @@ def save(accelerator: Accelerator, root: Path, state: dict, keep: int) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            extra = objective.state_dict() if hasattr(objective, "state_dict") else {}
+            if extra:
+                save_file({k: v.contiguous() for k, v in extra.items()}, str(partial / OBJECTIVE_STATE))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -80,11 +87,13 @@ def save(accelerator: Accelerator, root: Path, state: dict, keep: int) -> Path:
     return final
 
 
-def load(accelerator: Accelerator, path: Path) -> dict:
-    """Restore the states saved in `path` into the prepared objects; returns its trainer state."""
+def load(accelerator: Accelerator, path: Path, objective=None) -> dict:
+    """Restore the states saved in `path` into the prepared objects (and `objective`); returns its trainer state."""
     try:
         state = json.loads((path / TRAINER_STATE).read_text())
         accelerator.load_state(str(path))
+        if hasattr(objective, "load_state_dict") and (path / OBJECTIVE_STATE).exists():
+            objective.load_state_dict(load_file(str(path / OBJECTIVE_STATE)))
     except Exception as err:  # torch, safetensors and json raise many types for a bad file; all mean the same
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         raise RRMError(f"--resume: cannot load checkpoint '{path}' ({type(err).__name__}: {first}); it is damaged, "

@@ -194,6 +194,16 @@ def build_transform(image_size: tuple[int, int]) -> transforms.Compose:
                                transforms.ToTensor()])
 
 
+def translate(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`out[..., i, j] = t[..., i + dy, j + dx]`, zero where that falls outside `t`."""
+    height, width = t.shape[-2:]
+    out = torch.zeros_like(t)
+    if abs(dy) < height and abs(dx) < width:
+        out[..., max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)] = \
+            t[..., max(dy, 0):height - max(-dy, 0), max(dx, 0):width - max(-dx, 0)]
+    return out
+
+
 @dataclass(frozen=True)
 class RandomShift:
     """Random shifts of up to `pad` pixels (zero fill) and, with `hflip`, horizontal flips of a (C, H, W) tensor,
@@ -202,18 +212,26 @@ class RandomShift:
     pad: int = 2
     hflip: bool = False
 
-    def __call__(self, pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    def draw(self, rng: random.Random) -> tuple[int, int, bool]:
+        """A random move (dy, dx, flipped): the view shows pixel (i + dy, j + dx) at (i, j), then flips."""
+        dy = dx = 0
         if self.pad > 0:
-            height, width = pixels.shape[-2:]
-            top, left = rng.randint(0, 2 * self.pad), rng.randint(0, 2 * self.pad)
-            pixels = torch.nn.functional.pad(pixels, (self.pad,) * 4)[:, top:top + height, left:left + width]
-        if self.hflip and rng.random() < 0.5:
-            pixels = pixels.flip(-1)
-        return pixels
+            dy, dx = rng.randint(0, 2 * self.pad) - self.pad, rng.randint(0, 2 * self.pad) - self.pad
+        return dy, dx, self.hflip and rng.random() < 0.5
+
+    @staticmethod
+    def apply(pixels: torch.Tensor, dy: int, dx: int, flipped: bool) -> torch.Tensor:
+        pixels = translate(pixels, dy, dx)
+        return pixels.flip(-1) if flipped else pixels
+
+    def __call__(self, pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return self.apply(pixels, *self.draw(rng))
 
 
 class PixelDataset(Dataset):
-    """A Hugging Face dataset seen as (pixels in [0, 1], label) pairs.
+    """A Hugging Face dataset seen as (pixels in [0, 1], label) pairs, or with `origins` (pixels, label, origin)
+    triples: origin = (index, dy, dx, flipped), which image this is and how its augmentation moved it (see
+    `RandomShift.draw`; what `rrm_hub.memory.PerturbationMemory` needs).
 
     Images are converted to the dataset's mode (`ImageData.image_mode`), so a grayscale image in an RGB
     dataset is repeated over three channels. With `seed`, the random augmentation of an example depends only on
@@ -221,13 +239,13 @@ class PixelDataset(Dataset):
     """
 
     def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None,
-                 seed: int | None = None, augment: RandomShift | None = None):
+                 seed: int | None = None, augment: RandomShift | None = None, origins: bool = False):
         self.rows = data.train if split == "train" else data.test
         if limit and limit < len(self.rows):  # None or 0: all
             self.rows = self.rows.select(range(limit))
         self.image_column, self.label_column = data.image_column, data.label_column
         self.mode, self.transform, self.augment = data.image_mode, transform, augment
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.origins = seed, 0, origins
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -235,12 +253,16 @@ class PixelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         row = self.rows[index]
         pixels = self.transform(row[self.image_column].convert(self.mode))
+        move = (0, 0, False)
         if self.augment is not None:
             seed = None if self.seed is None else (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-            pixels = self.augment(pixels, random.Random(seed))
+            move = self.augment.draw(random.Random(seed))
+            pixels = self.augment.apply(pixels, *move)
+        if self.origins:
+            return pixels, int(row[self.label_column]), torch.tensor([index, *move], dtype=torch.long)
         return pixels, int(row[self.label_column])
 
 
@@ -255,10 +277,13 @@ def make_loader(
     num_workers: int = 0,
     pad: int = 2,
     hflip: bool = False,
+    origins: bool = False,
 ) -> DataLoader:
-    """A DataLoader over one split; the train split is shuffled with a seeded generator."""
+    """A DataLoader over one split; the train split is shuffled with a seeded generator. With `origins` its
+    batches are (pixels, labels, origins), see `PixelDataset`."""
     shift = RandomShift(pad, hflip) if augment and (pad > 0 or hflip) else None
-    dataset = PixelDataset(data, split, build_transform(data.image_size), limit, seed=seed, augment=shift)
+    dataset = PixelDataset(data, split, build_transform(data.image_size), limit, seed=seed, augment=shift,
+                           origins=origins)
     shuffle = split == "train"
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(

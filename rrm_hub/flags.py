@@ -138,6 +138,14 @@ def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
                        help="what the step of --match-on adversarial raises: the student's cross-entropy on the "
                        "labels (default, as ARD crafts its examples) or the feature mismatch with the teacher; the "
                        "same cost")
+    group.add_argument("--match-start", choices=["random", "previous"], default="previous",
+                       help="where each image's matching attack starts: where its attack ended the epoch before "
+                       "(previous, default: the steps add up over epochs, as in ATTA; keeps one perturbation per "
+                       "training image in CPU memory) or at random (FGSM-RS); the same compute")
+    group.add_argument("--match-step-size", type=float, default=None,
+                       help="step of the matching attack, as a multiple of --match-eps (default: 0.5 with "
+                       "--match-start previous, else the attack's own: 1.25 for fgsm, 1 for n-fgsm, 2.5/steps for "
+                       "several steps)")
     group.add_argument("--clean-weight", type=float, default=0.0,
                        help="also match on the clean images with this weight (the student runs on both)")
     group.add_argument("--match-eps-warmup", type=float, default=0.5,
@@ -172,6 +180,15 @@ def teacher_cache(args: argparse.Namespace, data: ImageData, teacher: torch.nn.M
     return cache.to(accelerator.device)
 
 
+def perturbation_memory(args: argparse.Namespace, data: ImageData):
+    """The `PerturbationMemory` of `--match-start previous` for the training images, or None."""
+    from .memory import PerturbationMemory
+
+    if args.match_start != "previous" or args.match_on != "adversarial":
+        return None
+    return PerturbationMemory.for_training_images(data)
+
+
 def teacher_input(args: argparse.Namespace) -> str:
     """--teacher-input, with auto resolved: the clean image for adversarial matching, the matched one otherwise."""
     if args.teacher_input != "auto":
@@ -186,10 +203,18 @@ def rrm_options(args: argparse.Namespace) -> dict:
             "norm": args.norm, "kd_weight": args.kd_weight, "temperature": args.kd_temperature,
             "eps_warmup": args.match_eps_warmup, "noise": args.noise, "teacher_input": teacher_input(args),
             "clean_weight": args.clean_weight, "steps": args.match_steps,
-            "attack": args.match_attack, "attack_loss": args.match_attack_loss}
+            "attack": args.match_attack, "attack_loss": args.match_attack_loss, "step_size": match_step_size(args)}
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+def match_step_size(args: argparse.Namespace) -> float | None:
+    """--match-step-size, with its default resolved: half of eps for an attack that goes on from the last epoch
+    (many small steps over the epochs), else None (the attack's own step)."""
+    if args.match_step_size is not None:
+        return args.match_step_size
+    return 0.5 if args.match_start == "previous" else None
+
+
+def add_data_args(parser: argparse.ArgumentParser, pad: int = 2) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default=None, help="Hub dataset id, save_to_disk folder or imagefolder "
                        "(default: the embedded 5,000 MNIST digits)")
@@ -199,7 +224,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-split", default="train")
     group.add_argument("--test-split", default=None, help="default: test or validation, else 20%% of train")
     group.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: as is)")
-    group.add_argument("--pad", type=int, default=2, help="random-shift augmentation in pixels (0: none)")
+    group.add_argument("--pad", type=int, default=pad, help=f"random-shift augmentation in pixels (0: none; default "
+                       f"{pad})")
     group.add_argument("--hflip", action="store_true", help="random horizontal flips (not for digits)")
     group.add_argument("--num-workers", type=int, default=0)
 
@@ -252,10 +278,12 @@ def load_data(args: argparse.Namespace) -> ImageData:
                            test_split=args.test_split, image_size=args.image_size, seed=args.seed)
 
 
-def train_loader(data: ImageData, args: argparse.Namespace, augment: bool = True) -> DataLoader:
-    """The shuffled training loader for the data and training flags; `augment=False` drops --pad and --hflip."""
+def train_loader(data: ImageData, args: argparse.Namespace, augment: bool = True, objective=None) -> DataLoader:
+    """The shuffled training loader for the data and training flags; `augment=False` drops --pad and --hflip.
+    Its batches carry the images' origins where `objective` keeps a perturbation memory."""
     return make_loader(data, "train", args.batch_size, augment=augment, seed=args.seed, pad=args.pad,
-                       hflip=args.hflip, num_workers=args.num_workers)
+                       hflip=args.hflip, num_workers=args.num_workers,
+                       origins=getattr(objective, "memory", None) is not None)
 
 
 def add_hub_args(parser: argparse.ArgumentParser) -> None:
@@ -267,9 +295,9 @@ def add_hub_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None, script: str, *, epochs: int,
-          lr: float, hub: bool = True) -> argparse.Namespace:
+          lr: float, pad: int = 2, hub: bool = True) -> argparse.Namespace:
     """Add the shared flag groups to a recipe's `parser`, parse `argv`, check them, record the command."""
-    add_data_args(parser)
+    add_data_args(parser, pad)
     add_train_args(parser, epochs=epochs, lr=lr)
     add_eval_args(parser)
     if hub:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,7 @@ from . import align
 from .attacks import Attack, ascent_direction, fgsm, nfgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
+from .memory import KeepsMemory, PerturbationMemory
 from .teacher_cache import CLEAN_ONLY, TeacherCache
 
 Logs = dict[str, torch.Tensor]
@@ -39,24 +42,32 @@ def warmup_scale(progress: float, warmup: float) -> float:
     return min(1.0, progress / warmup) if warmup > 0 else 1.0
 
 
-class AdversarialTraining:
+class AdversarialTraining(KeepsMemory):
     """Cross-entropy on adversarial examples made by `attack` against the model being trained.
 
     `eps_warmup` ramps epsilon linearly from 0 over that fraction of training (PGD-AT at a large
-    epsilon, e.g. 0.3 on MNIST, often never leaves chance level without it).
+    epsilon, e.g. 0.3 on MNIST, often never leaves chance level without it). With a `memory`
+    (`PerturbationMemory`) each image's attack starts where it ended the epoch before (ATTA); the batches then
+    carry their origins.
     """
 
-    def __init__(self, attack: Attack, name: str | None = None, eps_warmup: float = 0.0):
+    def __init__(self, attack: Attack, name: str | None = None, eps_warmup: float = 0.0,
+                 memory: PerturbationMemory | None = None):
         self.attack = self.current = attack
-        self.eps_warmup = eps_warmup
+        self.eps_warmup, self.memory = eps_warmup, memory
         self.name = name or {"fgsm": "fast_at", "nfgsm": "nfgsm_at"}.get(attack.name, "pgd_at")
 
     def schedule(self, progress: float) -> None:
         """Called by the training loop with the fraction of training done."""
         self.current = self.attack.scaled(warmup_scale(progress, self.eps_warmup))
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
-        x_adv = self.current(model, x, y)
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
+        if self.memory is None:
+            x_adv = self.current(model, x, y)
+        else:
+            x_adv = self.memory.continue_attack(self.current, lambda x_adv: F.cross_entropy(model(x_adv), y), x,
+                                                origins)
         loss = F.cross_entropy(model(x_adv), y)
         return loss, {"ce": loss.detach(), "eps": torch.tensor(self.current.eps)}
 
@@ -133,7 +144,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                     reduction="batchmean") * t * t
 
 
-class RRM:
+class RRM(KeepsMemory):
     """Robust Representation Matching (Vaishnavi et al., 2022) against a frozen teacher.
 
     loss = ce_weight * CE + feature_weight * mismatch(z_S, z_T) [+ kd_weight * KD(logits)].
@@ -147,8 +158,12 @@ class RRM:
       student forward/backwards); `attack="n-fgsm"` makes the one step N-FGSM's (a random start of 2 eps, a step
       of eps, not projected back into the ball; de Jorge et al., 2022), against catastrophic overfitting at large eps.
       `attack_loss="ce"` moves the images to raise the student's cross-entropy on the labels instead of the
-      mismatch (as ARD crafts its examples); the same cost. (Defaults here are the paper's and the first
-      variants'; `recipes/rrm.py` defaults to adversarial matching with `attack_loss="ce"`.)
+      mismatch (as ARD crafts its examples); the same cost. With a `memory` (`PerturbationMemory`) each image's
+      attack starts from where its attack ended the epoch before instead of a random start (ATTA, Zheng et al.,
+      2020): the steps add up over epochs at no extra compute; the batches then carry `origins` (`make_loader(...,
+      origins=True)`). `step_size` sets the attack's step as a multiple of eps (default: the attack's own).
+      (Defaults here are the paper's and the first variants'; `recipes/rrm.py` defaults to adversarial matching
+      with `attack_loss="ce"`, a memory and steps of 0.5 eps.)
     `teacher_input="clean"` gives the student's perturbed view the teacher's clean representation as target
     (as adversarial distillation does) instead of the teacher's view of the same perturbed image.
     `clean_weight > 0` also matches the clean images (the student runs on both: twice the batch).
@@ -182,8 +197,10 @@ class RRM:
         steps: int = 1,
         attack: str = "fgsm",
         attack_loss: str = "mismatch",
+        step_size: float | None = None,
         cache: TeacherCache | None = None,
         pairs: list[dict] | None = None,
+        memory: PerturbationMemory | None = None,
     ):
         if match_on not in self.MATCH_ON:
             raise RRMError(f"unknown --match-on '{match_on}'; use one of {', '.join(self.MATCH_ON)}")
@@ -211,7 +228,7 @@ class RRM:
             raise RRMError("--match-attack n-fgsm takes one step; drop --match-steps or use --match-attack fgsm")
         if attack_loss not in self.ATTACK_LOSSES:
             raise RRMError(f"unknown --match-attack-loss '{attack_loss}'; use one of {', '.join(self.ATTACK_LOSSES)}")
-        self.steps, self.attack, self.attack_loss = steps, attack, attack_loss
+        self.steps, self.attack, self.attack_loss, self.step_size = steps, attack, attack_loss, step_size
         self.kd_weight, self.temperature = kd_weight, temperature
         self.eps_warmup, self.current_eps = eps_warmup, eps
         if cache is not None and self.pairs:
@@ -219,6 +236,10 @@ class RRM:
         if cache is not None and match_on != "clean" and teacher_input == "matched":
             raise RRMError(CLEAN_ONLY.format(match_on=match_on))
         self.cache = cache
+        if memory is not None and match_on == "adversarial" and attack == "n-fgsm":
+            raise RRMError("--match-attack n-fgsm starts from fresh noise at every step; add --match-start random "
+                           "(or use --match-attack fgsm)")
+        self.memory = memory if match_on == "adversarial" else None
 
     def schedule(self, progress: float) -> None:
         """Called by the training loop: ramps the matching epsilon up over `eps_warmup` of training."""
@@ -267,36 +288,46 @@ class RRM:
             tap.remove()
 
     def matching_attack(self) -> Attack:
-        """The attack that moves the matching inputs at the current epsilon: FGSM-RS, N-FGSM or PGD."""
+        """The attack that moves the matching inputs at the current epsilon: FGSM-RS, N-FGSM or PGD (with
+        `step_size` x eps steps where that is set)."""
+        eps, norm = self.current_eps, self.norm
         if self.steps > 1:
-            return pgd(self.current_eps, self.norm, self.steps)
-        return nfgsm(self.current_eps, self.norm) if self.attack == "n-fgsm" else fgsm(self.current_eps, self.norm)
+            attack = pgd(eps, norm, self.steps)
+        else:
+            attack = nfgsm(eps, norm) if self.attack == "n-fgsm" else fgsm(eps, norm)
+        return attack if self.step_size is None else replace(attack, step_size=self.step_size * eps)
 
     def matching_inputs(self, model: nn.Module, x: torch.Tensor, clean_target: torch.Tensor | None = None,
-                        y: torch.Tensor | None = None) -> torch.Tensor:
+                        y: torch.Tensor | None = None, origins: torch.Tensor | None = None) -> torch.Tensor:
         """The images on which teacher and student are matched (`clean_target`: the teacher's clean features;
-        `y`: the labels, which `attack_loss="ce"` needs)."""
+        `y`: the labels, which `attack_loss="ce"` needs; `origins`: the batch's, which a `memory` needs)."""
         if self.match_on == "noise":
             return (x + random_perturbation(x, self.current_eps, self.norm, self.noise)).clamp(0, 1)
         if self.match_on != "adversarial":
             return x
         student = unwrap(model)
-        if self.attack_loss == "ce":
-            if y is None:
-                raise RRMError("attack_loss='ce' moves the images against the labels: pass y")
-            return self.matching_attack().maximize(lambda x_adv: F.cross_entropy(student(x_adv), y), x)
-        if clean_target is None:
+        if self.attack_loss == "ce" and y is None:
+            raise RRMError("attack_loss='ce' moves the images against the labels: pass y")
+        if self.attack_loss == "mismatch" and clean_target is None:
             clean_target = self.teacher_outputs(x)[1]
-        return self.matching_attack().maximize(
-            lambda x_adv: self.mismatch(student(x_adv, return_features=True)[1], clean_target)[0], x)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        def loss_of(x_adv: torch.Tensor) -> torch.Tensor:
+            if self.attack_loss == "ce":
+                return F.cross_entropy(student(x_adv), y)
+            return self.mismatch(student(x_adv, return_features=True)[1], clean_target)[0]
+
+        if self.memory is None:
+            return self.matching_attack().maximize(loss_of, x)
+        return self.memory.continue_attack(self.matching_attack(), loss_of, x, origins)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
         perturbed = self.match_on != "clean"
         attacks_mismatch = self.match_on == "adversarial" and self.attack_loss == "mismatch"
         needs_clean_teacher = (not perturbed or attacks_mismatch or self.teacher_input == "clean"
                                or self.clean_weight > 0)
         clean = self.teacher_outputs(x) if needs_clean_teacher else None
-        x_view = self.matching_inputs(model, x, clean[1] if clean else None, y)
+        x_view = self.matching_inputs(model, x, clean[1] if clean else None, y, origins)
         same_as_clean = not perturbed or self.teacher_input == "clean"
         target_logits, target = clean if same_as_clean else self.teacher_outputs(x_view)
         both = perturbed and self.clean_weight > 0

@@ -82,9 +82,10 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _step(model, objective, x, y, optimizer, scheduler, accelerator: Accelerator, config: TrainConfig,
+def _step(model, objective, batch: list, optimizer, scheduler, accelerator: Accelerator, config: TrainConfig,
           step: int, total_steps: int, stop: _StopRequest) -> tuple[torch.Tensor, dict, bool, bool]:
-    """One forward/backward of `objective` and, at the end of an accumulation window, one optimizer step.
+    """One forward/backward of `objective` on `batch` (x, y[, origins]) and, at the end of an accumulation window,
+    one optimizer step.
 
     Returns the loss, its parts, whether the loss was finite and whether any process asked to stop; the
     last two are agreed by all processes, so they stop together.
@@ -93,7 +94,7 @@ def _step(model, objective, x, y, optimizer, scheduler, accelerator: Accelerator
         objective.schedule(step / total_steps)
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            loss, logs = objective(model, x, y)
+            loss, logs = objective(model, *batch)
         status = torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)], device=loss.device)
         if accelerator.num_processes > 1:
             status = accelerator.reduce(status, "sum")
@@ -145,7 +146,7 @@ def train(
         if root is None:
             raise RRMError("--resume needs the run's --output-dir")
         path = checkpoints.resolve(config.resume, root)
-        state = checkpoints.load(accelerator, path)
+        state = checkpoints.load(accelerator, path, objective)
         accelerator.print(f"resuming from {path} (step {state['step']}, epoch {state['epoch'] + 1})")
 
     def save() -> Path | None:
@@ -153,7 +154,7 @@ def train(
         if root is None:
             return None
         if not (saved and saved[-1] == state["step"]):
-            checkpoints.save(accelerator, root, state, config.keep_checkpoints)
+            checkpoints.save(accelerator, root, state, config.keep_checkpoints, objective)
             saved.append(state["step"])
         return checkpoints.checkpoints(root)[-1]
 
@@ -171,11 +172,11 @@ def train(
             batches, sums, count = state["batches"], dict(state["sums"]), state["count"]
             batches_to_go = accelerator.skip_first_batches(loader, batches) if batches else loader
             started = time.perf_counter()
-            for x, y in batches_to_go:
-                if config.channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+            for batch in batches_to_go:  # (x, y), or (x, y, origins) for an objective that keeps a memory
+                if config.channels_last and batch[0].dim() == 4:
+                    batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
                 for _ in range(replays):
-                    loss, logs, finite, stopping = _step(model, objective, x, y, optimizer, scheduler, accelerator,
+                    loss, logs, finite, stopping = _step(model, objective, batch, optimizer, scheduler, accelerator,
                                                          config, step, total_steps, stop)
                     if not finite:  # the weights are still those of the last step: keep them
                         elapsed = train_seconds + time.perf_counter() - started

@@ -90,6 +90,7 @@ CASES = {
     "--epochs 0": (["--epochs", "0"], None, "--epochs must be >= 1"),
     "--match-steps 0": (["--match-steps", "0"], None, "--match-steps must be >= 1"),
     "n-fgsm with several steps": (["--match-attack", "n-fgsm", "--match-steps", "2"], None, "takes one step"),
+    "n-fgsm carried over epochs": (["--match-attack", "n-fgsm"], None, "add --match-start random"),
     "--grad-accum 0": (["--grad-accum", "0"], None, "--grad-accum must be >= 1"),
     "--save-every -1": (["--save-every", "-1"], None, "--save-every must be >= 0"),
     "--push-to-hub without id": (["--push-to-hub"], None, "--push-to-hub needs --hub-model-id"),

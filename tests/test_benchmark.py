@@ -31,12 +31,13 @@ def test_rrm_step_keeps_the_memory_of_a_natural_step(teacher):
 
 def test_benchmark_recipe_writes_stable_keys(tmp_path):
     report = _recipe("benchmark").main([
-        "--methods", "natural", "pgd_at", "free_at", "rrm", "rrm_cached", "--epochs", "1", "--max-steps", "2",
+        "--methods", "natural", "pgd_at", "atta_at", "free_at", "rrm", "rrm_cached", "--epochs", "1", "--max-steps",
+        "2",
         "--replays", "2", "--epoch-eval-examples", "32", "--eval-examples", "32", "--student", "resnet18",
         "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--output-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["ratios"] == report["ratios"]
-    for method in ("natural", "pgd_at", "free_at", "rrm"):
+    for method in ("natural", "pgd_at", "atta_at", "free_at", "rrm"):
         entry = saved["methods"][method]
         for key in ("seconds_per_step", "time_to_target_seconds", "robust_accuracy", "clean_accuracy",
                     "step_cost_vs_natural", "saved_activation_bytes", "curve"):

@@ -39,22 +39,27 @@ def test_rrm_recipe_through_accelerate_launch(tmp_path):
     card = (out / "README.md").read_text()
     assert "model-index" in card  # the card says how the default (adversarial) matching moved the images
     assert "cheap attack on the student" in card and "1-step attack within eps 0.3, raising the student's " \
-        "cross-entropy" in card
+        "cross-entropy, each image's attack starting where it ended the epoch before" in card
     assert "no adversarial examples" not in card
     assert metrics["rrm_options"]["attack_loss"] == "ce" and metrics["rrm_options"]["attack"] == "fgsm"
+    assert metrics["rrm_options"]["match_start"] == "previous"
 
 
-def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path):
+@pytest.mark.parametrize("method, named, attack", [
+    ("nfgsm_at", "N-FGSM-AT", "N-FGSM (random start of 2 eps"),
+    ("atta_at", "ATTA", "each image's attack starting where it ended the epoch before"),
+])
+def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path, method, named, attack):
     out = tmp_path / "teacher"
     args = ["recipes/adversarial_train.py", "--model", "resnet18", "--model-kwargs", "layers=(1,1,1,1)",
-            "channels=(8,8,8,8)", "--method", "nfgsm_at", *QUICK, "--output-dir", str(out)]
+            "channels=(8,8,8,8)", "--method", method, *QUICK, "--output-dir", str(out)]
     result = run_recipe(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= {p.name for p in out.iterdir()}
     teacher = load_teacher(str(out))
     assert teacher.num_classes == 10 and teacher(torch.rand(1, 1, 28, 28)).shape == (1, 10)
     card = (out / "README.md").read_text()
-    assert "recipes/adversarial_train.py" in card and "N-FGSM-AT" in card and "N-FGSM (random start of 2 eps" in card
+    assert "recipes/adversarial_train.py" in card and named in card and attack in card
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,14 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, monkeyp
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
+def test_each_process_keeps_every_processs_perturbations(monkeypatch):
+    """--match-start previous under DDP: an image's next batch may fall to another process."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    result = run_recipe(["tests/memory_ranks.py"], launcher=CPU_DDP)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0: both" in result.stdout and "process 1: both" in result.stdout
+
+
 def test_channels_last_trains_a_cnn_and_saves_it(tmp_path):
     import torch
     from accelerate import Accelerator

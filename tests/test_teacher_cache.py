@@ -144,7 +144,7 @@ def test_rrm_recipe_builds_the_cache_once_then_reuses_it(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--match-on", "clean"], "add --pad 0"),
+    (["--pad", "2", "--match-on", "clean"], "add --pad 0"),
     (["--pad", "0", "--hflip", "--match-on", "clean"], "add --pad 0"),
     (["--pad", "0", "--match-on", "noise"], "use --match-on clean or --teacher-input clean"),
 ])

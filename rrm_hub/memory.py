@@ -1,0 +1,100 @@
+"""`PerturbationMemory`: one perturbation per training image, carried from one epoch to the next.
+
+An attack that starts where the same image's attack ended an epoch before adds one step an epoch to a
+many-step attack, at the cost of one step (ATTA: Zheng et al., "Efficient Adversarial Training with
+Transferable Adversarial Examples", CVPR 2020). Perturbations are kept in the images' unaugmented frame:
+the loader says, per example, which image it is and how its augmentation moved it (`origins`, see
+`rrm_hub.data.PixelDataset`), and the memory moves each perturbation the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import gather
+
+from .attacks import Attack, random_perturbation
+from .data import ImageData, translate
+from .errors import RRMError
+
+MAX_BYTES = 4 * 2**30
+"""Largest memory allowed (float16 on the CPU): 4 GiB, about 1.3 million 28 x 28 x 3 images, 14,000 at 224 px."""
+
+
+class PerturbationMemory:
+    """The last perturbation of each of `num_examples` training images of `shape` (C, H, W), float16 on the CPU.
+
+    `origins` (B, 4) rows are (dataset index, dy, dx, flipped): the augmented view shows pixel (i + dy, j + dx)
+    of the image at (i, j), then flipped left-right if `flipped`.
+    """
+
+    def __init__(self, num_examples: int, shape: tuple[int, ...]):
+        size = num_examples * math.prod(shape) * 2
+        if size > MAX_BYTES:
+            raise RRMError(f"--match-start previous keeps one perturbation per training image: {size / 2**30:.1f} GiB "
+                           f"for {num_examples} images of {tuple(shape)}, over {MAX_BYTES / 2**30:.0f} GiB; use "
+                           "--match-start random")
+        self.deltas = torch.zeros(num_examples, *shape, dtype=torch.float16)
+        self.seen = torch.zeros(num_examples, dtype=torch.bool)
+
+    @classmethod
+    def for_training_images(cls, data: ImageData) -> PerturbationMemory:
+        return cls(len(data.train), (data.channels, *data.image_size))
+
+    def continue_attack(self, attack: Attack, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        origins: torch.Tensor | None) -> torch.Tensor:
+        """`attack.maximize(loss_of, x)` from each image's stored perturbation (a random start for an image not
+        seen yet); stores where it ended."""
+        if origins is None:
+            raise RRMError("a perturbation memory needs the batches' origins: build the loader with "
+                           "make_loader(..., origins=True)")
+        stored, seen = self.recall(origins, x)
+        fresh = random_perturbation(x, attack.eps, attack.norm)
+        x_adv = attack.maximize(loss_of, x, torch.where(seen.view(-1, *[1] * (x.dim() - 1)), stored, fresh))
+        self.remember(origins, x_adv - x)
+        return x_adv
+
+    def recall(self, origins: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored perturbations seen as the batch `like` shows its images, and which images have one."""
+        origins = origins.cpu()
+        views = []
+        for index, dy, dx, flipped in origins.tolist():
+            view = translate(self.deltas[index], dy, dx)
+            views.append(view.flip(-1) if flipped else view)
+        deltas = torch.stack(views).to(device=like.device, dtype=like.dtype)
+        return deltas, self.seen[origins[:, 0]].to(like.device)
+
+    def remember(self, origins: torch.Tensor, deltas: torch.Tensor) -> None:
+        """Store each view's perturbation in its image's frame (pixels the view did not show keep their old value).
+        With several processes, every process stores every process's batch."""
+        origins, deltas = gather(origins.detach()).cpu(), gather(deltas.detach()).cpu().to(torch.float16)
+        for (index, dy, dx, flipped), delta in zip(origins.tolist(), deltas, strict=True):
+            delta = delta.flip(-1) if flipped else delta
+            shown = translate(torch.ones_like(delta, dtype=torch.bool), -dy, -dx)
+            self.deltas[index] = torch.where(shown, translate(delta, -dy, -dx), self.deltas[index])
+            self.seen[index] = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"deltas": self.deltas, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["deltas"].shape != self.deltas.shape:
+            raise RRMError(f"the checkpoint's perturbation memory has shape {tuple(state['deltas'].shape)}, this run's "
+                           f"{tuple(self.deltas.shape)}: resume with the same dataset")
+        self.deltas, self.seen = state["deltas"].to(torch.float16), state["seen"].to(torch.bool)
+
+
+class KeepsMemory:
+    """For objectives with a `memory` (a `PerturbationMemory` or None): the training checkpoints save and restore it
+    through `state_dict` / `load_state_dict`."""
+
+    memory: PerturbationMemory | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.memory.state_dict() if self.memory is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.memory is not None:
+            self.memory.load_state_dict(state)
