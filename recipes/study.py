@@ -39,9 +39,9 @@ STUDENTS = {
             "stem_width=24", "output_stride=8", "--lr", "3e-3"],
 }
 ANCHORED = ["--match-on", "adversarial", "--match-attack-loss", "mismatch", "--match-start", "random",
-            "--teacher-input", "clean", "--clean-weight", "1", "--match-eps-warmup", "0.3"]
+            "--ce-weight", "0.005", "--teacher-input", "clean", "--clean-weight", "1", "--match-eps-warmup", "0.3"]
 """Adversarial matching with a clean anchor, as the H100 study ran it (then the step raised the mismatch, from a
-random start)."""
+random start, and CE had the reference weight)."""
 MATCHING = {
     "default": [],  # recipes/rrm.py's defaults
     "clean": ["--match-on", "clean"],  # the paper's method

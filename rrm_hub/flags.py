@@ -112,7 +112,8 @@ def match_pairs(args: argparse.Namespace) -> list | None:
 
 def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
     group = parser.add_argument_group("RRM loss")
-    group.add_argument("--ce-weight", type=float, default=0.005, help="weight of cross-entropy (reference: 0.005)")
+    group.add_argument("--ce-weight", type=float, default=None, help="weight of cross-entropy on the images matched "
+                       "on (default: 1 for --match-on adversarial, 0.005 as in the reference code otherwise)")
     group.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature mismatch")
     group.add_argument("--feature-loss", choices=["cosine", "l2"], default="cosine")
     group.add_argument("--match-on", choices=RRM.MATCH_ON, default="adversarial",

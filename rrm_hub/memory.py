@@ -59,22 +59,24 @@ class PerturbationMemory:
     def recall(self, origins: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored perturbations seen as the batch `like` shows its images, and which images have one."""
         origins = origins.cpu()
-        views = []
-        for index, dy, dx, flipped in origins.tolist():
+        views = self.deltas[origins[:, 0]]  # unmoved views as they are; moved ones one by one
+        for row in origins[:, 1:].any(dim=1).nonzero().flatten().tolist():
+            index, dy, dx, flipped = origins[row].tolist()
             view = translate(self.deltas[index], dy, dx)
-            views.append(view.flip(-1) if flipped else view)
-        deltas = torch.stack(views).to(device=like.device, dtype=like.dtype)
-        return deltas, self.seen[origins[:, 0]].to(like.device)
+            views[row] = view.flip(-1) if flipped else view
+        return views.to(device=like.device, dtype=like.dtype), self.seen[origins[:, 0]].to(like.device)
 
     def remember(self, origins: torch.Tensor, deltas: torch.Tensor) -> None:
         """Store each view's perturbation in its image's frame (pixels the view did not show keep their old value).
         With several processes, every process stores every process's batch."""
         origins, deltas = gather(origins.detach()).cpu(), gather(deltas.detach()).cpu().to(torch.float16)
-        for (index, dy, dx, flipped), delta in zip(origins.tolist(), deltas, strict=True):
+        moved = origins[:, 1:].any(dim=1)
+        self.deltas[origins[~moved, 0]] = deltas[~moved]
+        self.seen[origins[:, 0]] = True
+        for (index, dy, dx, flipped), delta in zip(origins[moved].tolist(), deltas[moved], strict=True):
             delta = delta.flip(-1) if flipped else delta
             shown = translate(torch.ones_like(delta, dtype=torch.bool), -dy, -dx)
             self.deltas[index] = torch.where(shown, translate(delta, -dy, -dx), self.deltas[index])
-            self.seen[index] = True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"deltas": self.deltas, "seen": self.seen}

@@ -147,7 +147,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class RRM(KeepsMemory):
     """Robust Representation Matching (Vaishnavi et al., 2022) against a frozen teacher.
 
-    loss = ce_weight * CE + feature_weight * mismatch(z_S, z_T) [+ kd_weight * KD(logits)].
+    loss = ce_weight * CE + feature_weight * mismatch(z_S, z_T) [+ kd_weight * KD(logits)], CE on the images
+    matched on; `ce_weight` defaults to the reference code's 0.005, and to 1 for adversarial matching (where the CE
+    term trains on the moved images, as adversarial training does).
     The student must return `(logits, features)` for `model(x, return_features=True)` (see `RRMStudent`).
     Where the representations are matched (`match_on`), and what each costs beyond a natural step:
     - "clean": on the training images, the paper's method (one teacher forward);
@@ -182,7 +184,7 @@ class RRM(KeepsMemory):
         self,
         teacher: nn.Module,
         teacher_layer: str | None = None,
-        ce_weight: float = 0.005,
+        ce_weight: float | None = None,
         feature_weight: float = 1.0,
         kind: str = "cosine",
         match_on: str = "clean",
@@ -217,6 +219,8 @@ class RRM(KeepsMemory):
             if layer not in self.taps:
                 self.taps[layer] = FeatureTap(teacher.network, layer)
         self.tap = self.taps[layers[0]]
+        if ce_weight is None:  # the reference code's 0.005; on moved images the CE term is adversarial training
+            ce_weight = 1.0 if match_on == "adversarial" else 0.005
         self.ce_weight, self.feature_weight, self.kind = ce_weight, feature_weight, kind
         self.match_on, self.eps, self.norm, self.noise = match_on, eps, norm, noise
         self.teacher_input, self.clean_weight = teacher_input, clean_weight

@@ -140,13 +140,16 @@ def test_adversarial_matching_with_clean_targets_and_a_clean_anchor(teacher, stu
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], x)
     assert set(logs) == {"ce", "feat", "feat_clean"}
-    expected = 0.005 * logs["ce"] + logs["feat"] + 0.5 * logs["feat_clean"]
+    expected = 1.0 * logs["ce"] + logs["feat"] + 0.5 * logs["feat_clean"]  # CE weight 1 on moved images
     assert torch.allclose(loss, expected, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(logs["feat_clean"], feature_loss(student(x, return_features=True)[1],
                                                               objective.teacher_outputs(x)[1]), atol=1e-5)
     with pytest.raises(Exception, match="match-steps"):
         RRM(teacher, match_on="adversarial", steps=0)
+    # the reference code's CE weight, except where CE trains on moved images
+    assert RRM(teacher).ce_weight == RRM(teacher, match_on="noise").ce_weight == 0.005
+    assert RRM(teacher, match_on="adversarial", ce_weight=0.005).ce_weight == 0.005
 
 
 def test_nfgsm_matching_steps_outside_the_ball_and_is_refused_with_several_steps(teacher, student):
