@@ -2,8 +2,8 @@
 
     python recipes/benchmark.py --quick
 
-For each method (natural, PGD-AT, fast-AT, N-FGSM-AT, free-AT, KD, RRM) trains the same student (default: a small
-CNN; --student picks another), checks robust accuracy (PGD-10) after every epoch against the training
+For each method (natural, PGD-AT, fast-AT, N-FGSM-AT, ATTA-AT, free-AT, KD, RRM) trains the same student
+(default: a small CNN; --student picks another), checks robust accuracy (PGD-10) after every epoch against the training
 seconds spent so far, and writes to --output-dir: benchmark.json (stable keys:
 methods.<name>.seconds_per_step, .time_to_target_seconds, .robust_accuracy, .clean_accuracy, ...),
 benchmark.md (a table) and benchmark.png (robust accuracy versus wall-clock seconds).
@@ -98,7 +98,7 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     student = accelerator.unwrap_model(student)
     keeps_memory = getattr(objective, "memory", None) is not None
     batch = next(iter(make_loader(data, "train", args.batch_size, origins=keeps_memory)))  # after training
-    memory = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
+    step_bytes = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
     final = evaluate(student, make_loader(data, "test", args.batch_size, limit=args.eval_examples),
                      {"pgd20": pgd(args.eps, args.norm, 20)}, accelerator, desc=f"{method} pgd20")
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
@@ -109,7 +109,7 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
             "seconds_per_epoch": round(run["train_seconds"] / run["epochs"], 3),
             "seconds_per_step": round(run["train_seconds"] / run["steps"], 5),
             "clean_accuracy": final["clean_accuracy"], "robust_accuracy": final["robust_accuracy"]["pgd20"],
-            "curve": curve, **memory}
+            "curve": curve, **step_bytes}
 
 
 @cli

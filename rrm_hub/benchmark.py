@@ -15,7 +15,8 @@ from .objectives import RRM, AdversarialTraining, Distillation, FreeAdversarialT
 from .teacher_cache import TeacherCache
 
 METHODS = ("natural", "pgd_at", "fast_at", "nfgsm_at", "atta_at", "free_at", "kd", "rrm", "rrm_clean", "rrm_cached")
-"""`rrm`: RRM as the RRM flags say (recipes/rrm.py's default: adversarial matching); `rrm_clean`: the paper's
+"""`atta_at`: fast-AT whose steps go on from each image's last perturbation (ATTA); `rrm`: RRM as the RRM flags
+say (recipes/rrm.py's defaults, except the shared data flags: --pad 2 here unless given); `rrm_clean`: the paper's
 matching on the clean images; `rrm_cached`: the same with the teacher's outputs looked up in a `TeacherCache`."""
 
 

@@ -3,7 +3,8 @@
 A checkpoint is written into a `.partial-*` folder and renamed only once complete, so the latest checkpoint
 (the highest `step-*` folder) is never half written, whatever kills the run. `trainer.json` beside the
 accelerate files holds where the loop stood: step, epoch, batches done in the epoch, history;
-`objective.safetensors` the objective's own state, where it has one (`state_dict()`, e.g. a perturbation memory).
+`objective.safetensors` the objective's own state, where it has one (`checkpoint_state()`, e.g. a perturbation
+memory).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import RRMError
@@ -50,8 +52,8 @@ def resolve(spec: str, root: Path) -> Path:
 
 
 def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective=None) -> Path:
-    """Save model, optimizer, scheduler and RNG states plus `state` (and `objective.state_dict()`, if it has one)
-    as `root/step-<state['step']>`.
+    """Save model, optimizer, scheduler and RNG states plus `state` (and `objective.checkpoint_state()`, if it has
+    one) as `root/step-<state['step']>`.
 
     Every process must call this. A full disk or an unwritable folder raises `RRMError`; earlier
     checkpoints stay as they were.
@@ -67,7 +69,7 @@ def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-            extra = objective.state_dict() if hasattr(objective, "state_dict") else {}
+            extra = objective.checkpoint_state() if hasattr(objective, "checkpoint_state") else {}
             if extra:
                 save_file({k: v.contiguous() for k, v in extra.items()}, str(partial / OBJECTIVE_STATE))
             if final.exists():
@@ -75,14 +77,14 @@ def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective
             os.replace(partial, final)
             for old in checkpoints(root)[:-max(keep, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        full = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+        full = " (the disk is full)" if getattr(err, "errno", None) == errno.ENOSPC else ""
         kept = checkpoints(root)
         before = f"; the checkpoint {kept[-1]} is kept" if kept else ""
         raise RRMError(f"could not save the checkpoint of step {state['step']} in '{root}'{full}: "
-                       f"{err.strerror or err}{before}") from None
+                       f"{getattr(err, 'strerror', None) or err}{before}") from None
     accelerator.wait_for_everyone()
     return final
 
@@ -92,8 +94,10 @@ def load(accelerator: Accelerator, path: Path, objective=None) -> dict:
     try:
         state = json.loads((path / TRAINER_STATE).read_text())
         accelerator.load_state(str(path))
-        if hasattr(objective, "load_state_dict") and (path / OBJECTIVE_STATE).exists():
-            objective.load_state_dict(load_file(str(path / OBJECTIVE_STATE)))
+        if hasattr(objective, "load_checkpoint_state") and (path / OBJECTIVE_STATE).exists():
+            objective.load_checkpoint_state(load_file(str(path / OBJECTIVE_STATE)))
+    except RRMError:
+        raise
     except Exception as err:  # torch, safetensors and json raise many types for a bad file; all mean the same
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         raise RRMError(f"--resume: cannot load checkpoint '{path}' ({type(err).__name__}: {first}); it is damaged, "

@@ -221,6 +221,7 @@ class RandomShift:
 
     @staticmethod
     def apply(pixels: torch.Tensor, dy: int, dx: int, flipped: bool) -> torch.Tensor:
+        """The view of `pixels` that the move (dy, dx, flipped) of `draw` gives."""
         pixels = translate(pixels, dy, dx)
         return pixels.flip(-1) if flipped else pixels
 

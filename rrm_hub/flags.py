@@ -183,10 +183,12 @@ def teacher_cache(args: argparse.Namespace, data: ImageData, teacher: torch.nn.M
 
 def perturbation_memory(args: argparse.Namespace, data: ImageData):
     """The `PerturbationMemory` of `--match-start previous` for the training images, or None."""
-    from .memory import PerturbationMemory
+    from .memory import NOT_WITH_NFGSM, PerturbationMemory
 
     if args.match_start != "previous" or args.match_on != "adversarial":
         return None
+    if args.match_attack == "n-fgsm" and args.match_steps == 1:  # several steps: RRM says n-fgsm takes one
+        raise RRMError(NOT_WITH_NFGSM)
     return PerturbationMemory.for_training_images(data)
 
 

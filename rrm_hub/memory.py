@@ -19,8 +19,10 @@ from .attacks import Attack, random_perturbation
 from .data import ImageData, translate
 from .errors import RRMError
 
+NOT_WITH_NFGSM = ("--match-attack n-fgsm starts from fresh noise at every step; add --match-start random (or use "
+                  "--match-attack fgsm)")
 MAX_BYTES = 4 * 2**30
-"""Largest memory allowed (float16 on the CPU): 4 GiB, about 1.3 million 28 x 28 x 3 images, 14,000 at 224 px."""
+"""Largest memory allowed (float16 on the CPU): 4 GiB, about 900,000 RGB images of 28 x 28, 14,000 of 224 x 224."""
 
 
 class PerturbationMemory:
@@ -69,7 +71,8 @@ class PerturbationMemory:
     def remember(self, origins: torch.Tensor, deltas: torch.Tensor) -> None:
         """Store each view's perturbation in its image's frame (pixels the view did not show keep their old value).
         With several processes, every process stores every process's batch."""
-        origins, deltas = gather(origins.detach()).cpu(), gather(deltas.detach()).cpu().to(torch.float16)
+        origins = gather(origins.detach().to(deltas.device)).cpu()  # every process's batch (equal batches: accelerate
+        deltas = gather(deltas.detach().to(torch.float16)).cpu()  # pads the last one, even_batches)
         moved = origins[:, 1:].any(dim=1)
         self.deltas[origins[~moved, 0]] = deltas[~moved]
         self.seen[origins[:, 0]] = True
@@ -88,15 +91,15 @@ class PerturbationMemory:
         self.deltas, self.seen = state["deltas"].to(torch.float16), state["seen"].to(torch.bool)
 
 
-class KeepsMemory:
-    """For objectives with a `memory` (a `PerturbationMemory` or None): the training checkpoints save and restore it
-    through `state_dict` / `load_state_dict`."""
+class MemoryCheckpointing:
+    """Mixin for objectives with a `memory` (a `PerturbationMemory` or None): the training checkpoints save and
+    restore it through `checkpoint_state` / `load_checkpoint_state`."""
 
     memory: PerturbationMemory | None = None
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return self.memory.state_dict() if self.memory is not None else {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.memory is not None:
             self.memory.load_state_dict(state)

@@ -21,7 +21,7 @@ from . import align
 from .attacks import Attack, ascent_direction, fgsm, nfgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
-from .memory import KeepsMemory, PerturbationMemory
+from .memory import NOT_WITH_NFGSM, MemoryCheckpointing, PerturbationMemory
 from .teacher_cache import CLEAN_ONLY, TeacherCache
 
 Logs = dict[str, torch.Tensor]
@@ -42,7 +42,7 @@ def warmup_scale(progress: float, warmup: float) -> float:
     return min(1.0, progress / warmup) if warmup > 0 else 1.0
 
 
-class AdversarialTraining(KeepsMemory):
+class AdversarialTraining(MemoryCheckpointing):
     """Cross-entropy on adversarial examples made by `attack` against the model being trained.
 
     `eps_warmup` ramps epsilon linearly from 0 over that fraction of training (PGD-AT at a large
@@ -144,7 +144,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                     reduction="batchmean") * t * t
 
 
-class RRM(KeepsMemory):
+class RRM(MemoryCheckpointing):
     """Robust Representation Matching (Vaishnavi et al., 2022) against a frozen teacher.
 
     loss = ce_weight * CE + feature_weight * mismatch(z_S, z_T) [+ kd_weight * KD(logits)], CE on the images
@@ -232,6 +232,8 @@ class RRM(KeepsMemory):
             raise RRMError("--match-attack n-fgsm takes one step; drop --match-steps or use --match-attack fgsm")
         if attack_loss not in self.ATTACK_LOSSES:
             raise RRMError(f"unknown --match-attack-loss '{attack_loss}'; use one of {', '.join(self.ATTACK_LOSSES)}")
+        if step_size is not None and step_size <= 0:
+            raise RRMError(f"--match-step-size must be > 0, got {step_size}")
         self.steps, self.attack, self.attack_loss, self.step_size = steps, attack, attack_loss, step_size
         self.kd_weight, self.temperature = kd_weight, temperature
         self.eps_warmup, self.current_eps = eps_warmup, eps
@@ -241,8 +243,7 @@ class RRM(KeepsMemory):
             raise RRMError(CLEAN_ONLY.format(match_on=match_on))
         self.cache = cache
         if memory is not None and match_on == "adversarial" and attack == "n-fgsm":
-            raise RRMError("--match-attack n-fgsm starts from fresh noise at every step; add --match-start random "
-                           "(or use --match-attack fgsm)")
+            raise RRMError(NOT_WITH_NFGSM)
         self.memory = memory if match_on == "adversarial" else None
 
     def schedule(self, progress: float) -> None:

@@ -12,7 +12,7 @@ from rrm_hub.memory import PerturbationMemory
 
 
 @pytest.fixture(scope="module")
-def student(teacher):
+def student():
     return RRMStudent.for_teacher("resnet18", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
                                   model_args={"layers": (1, 1, 1, 1), "channels": (8, 8, 16, 16)})
 
@@ -106,3 +106,5 @@ def test_step_size_is_a_multiple_of_the_current_eps(teacher):
     objective.schedule(0.25)  # warm-up: eps 0.1
     assert objective.matching_attack().alpha == pytest.approx(0.05)
     assert RRM(teacher, match_on="adversarial", eps=0.2).matching_attack().alpha == pytest.approx(0.25)  # FGSM-RS
+    with pytest.raises(RRMError, match="must be > 0"):
+        RRM(teacher, match_on="adversarial", step_size=0)

@@ -149,7 +149,7 @@ def test_adversarial_matching_with_clean_targets_and_a_clean_anchor(teacher, stu
         RRM(teacher, match_on="adversarial", steps=0)
     # the reference code's CE weight, except where CE trains on moved images
     assert RRM(teacher).ce_weight == RRM(teacher, match_on="noise").ce_weight == 0.005
-    assert RRM(teacher, match_on="adversarial", ce_weight=0.005).ce_weight == 0.005
+    assert RRM(teacher, match_on="adversarial").ce_weight == 1.0
 
 
 def test_nfgsm_matching_steps_outside_the_ball_and_is_refused_with_several_steps(teacher, student):

@@ -39,7 +39,7 @@ def test_rrm_recipe_through_accelerate_launch(tmp_path):
     card = (out / "README.md").read_text()
     assert "model-index" in card  # the card says how the default (adversarial) matching moved the images
     assert "cheap attack on the student" in card and "1-step attack within eps 0.3, raising the student's " \
-        "cross-entropy, each image's attack starting where it ended the epoch before" in card
+        "cross-entropy, each image's attack starting where it ended the epoch before, steps of 0.5 x eps" in card
     assert "no adversarial examples" not in card
     assert metrics["rrm_options"]["attack_loss"] == "ce" and metrics["rrm_options"]["attack"] == "fgsm"
     assert metrics["rrm_options"]["match_start"] == "previous"

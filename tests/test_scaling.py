@@ -65,7 +65,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, monkeyp
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
-def test_each_process_keeps_every_processs_perturbations(monkeypatch):
+def test_each_process_keeps_the_perturbations_of_every_process(monkeypatch):
     """--match-start previous under DDP: an image's next batch may fall to another process."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     result = run_recipe(["tests/memory_ranks.py"], launcher=CPU_DDP)
