@@ -10,7 +10,7 @@ from torch import nn
 
 from .attacks import fgsm, nfgsm, pgd
 from .errors import RRMError
-from .memory import PerturbationMemory
+from .memory import CARRIED_STEP, PerturbationMemory
 from .objectives import RRM, AdversarialTraining, Distillation, FreeAdversarialTraining, Natural
 from .teacher_cache import TeacherCache
 
@@ -37,7 +37,8 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
     if method == "atta_at":  # fast-AT whose steps of 0.5 eps go on from the last epoch's perturbation (ATTA)
         if memory is None:
             raise RRMError("method 'atta_at' needs a perturbation memory (rrm_hub.memory.PerturbationMemory)")
-        return AdversarialTraining(replace(fgsm(eps, norm), step_size=0.5 * eps), "atta_at", eps_warmup, memory)
+        attack = replace(fgsm(eps, norm), step_size=CARRIED_STEP * eps)
+        return AdversarialTraining(attack, "atta_at", eps_warmup, memory)
     if method == "free_at":
         return FreeAdversarialTraining(eps, norm, replays)
     if method in ("kd", "rrm", "rrm_clean", "rrm_cached") and teacher is None:

@@ -212,9 +212,11 @@ def rrm_options(args: argparse.Namespace) -> dict:
 def match_step_size(args: argparse.Namespace) -> float | None:
     """--match-step-size, with its default resolved: half of eps for an attack that goes on from the last epoch
     (many small steps over the epochs), else None (the attack's own step)."""
+    from .memory import CARRIED_STEP
+
     if args.match_step_size is not None:
         return args.match_step_size
-    return 0.5 if args.match_start == "previous" else None
+    return CARRIED_STEP if args.match_start == "previous" else None
 
 
 def add_data_args(parser: argparse.ArgumentParser, pad: int = 2) -> None:

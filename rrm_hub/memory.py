@@ -21,6 +21,8 @@ from .errors import RRMError
 
 NOT_WITH_NFGSM = ("--match-attack n-fgsm starts from fresh noise at every step; add --match-start random (or use "
                   "--match-attack fgsm)")
+CARRIED_STEP = 0.5
+"""Step of an attack carried over epochs, as a multiple of eps (many small steps add up over the epochs)."""
 MAX_BYTES = 4 * 2**30
 """Largest memory allowed (float16 on the CPU): 4 GiB, about 900,000 RGB images of 28 x 28, 14,000 of 224 x 224."""
 
