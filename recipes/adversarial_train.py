@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
                                eps_warmup=args.eps_warmup, memory=memory)
 
     # 3. train
+    check = flags.epoch_check(data, args, accelerator)  # --keep-best: it also keeps the most robust epoch
     run = train(model, objective, flags.train_loader(data, args, objective=objective), accelerator,
-                flags.train_config(args),
-                flags.epoch_check(data, args, accelerator))
+                flags.train_config(args), check)
     model = accelerator.unwrap_model(model)
+    selected = check.restore(model) if args.keep_best else None
 
     # 4. evaluate, then save a Hub-format folder
     report = robustness_report(
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
         **flags.report(args, accelerator))
     metrics = {**report, "method": args.method, "model": args.model, "model_args": model_args,
                "dataset": data.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
-               "steps": run["steps"], "hardware": hardware(), "num_processes": accelerator.num_processes,
+               "steps": run["steps"], "selected_epoch": selected, "hardware": hardware(),
+               "num_processes": accelerator.num_processes,
                "history": run["history"]}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,12 @@ For each method (natural, PGD-AT, fast-AT, N-FGSM-AT, ATTA-AT, free-AT, KD, RRM)
 seconds spent so far, and writes to --output-dir: benchmark.json (stable keys:
 methods.<name>.seconds_per_step, .time_to_target_seconds, .robust_accuracy, .clean_accuracy, ...),
 benchmark.md (a table) and benchmark.png (robust accuracy versus wall-clock seconds).
-Time-to-target: seconds until a method first reaches --target-fraction of PGD-AT's final robust accuracy.
+Time-to-target: seconds until a method's per-epoch check first reaches --target (default: --target-fraction of
+PGD-AT's final robust accuracy).
 
 rrm_cached matches on the clean images with the teacher's outputs computed once before training (a
-`TeacherCache`, built fresh here: its seconds count in its total and its curve, not in its seconds per step).
+`TeacherCache`, built fresh here: its seconds count in its total and its curve, not in its seconds per step);
+--cache-teacher (with --pad 0) does the same for rrm, whose teacher sees the clean images.
 The cache needs unaugmented images (--pad 0); as augmentation costs time in the data loader, its step cost is
 stated against natural training on the same unaugmented images (natural_pad0, run with it when --pad > 0 or --hflip).
 """
@@ -27,7 +29,7 @@ import torch
 from rrm_hub import RRMStudent, evaluate, flags, make_loader, pgd, train
 from rrm_hub.benchmark import METHODS, make_objective, step_memory, time_to_target
 from rrm_hub.cards import hardware, plot_curves, save_json
-from rrm_hub.errors import cli
+from rrm_hub.errors import RRMError, cli
 from rrm_hub.features import default_layer, feature_width
 from rrm_hub.memory import PerturbationMemory
 from rrm_hub.teacher_cache import TeacherCache
@@ -54,9 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replays", type=int, default=4, help="minibatch replays of free-AT (epochs / replays)")
     parser.add_argument("--eps-warmup", type=float, default=0.3, help="epsilon ramp of PGD-AT and fast-AT")
     parser.add_argument("--target-fraction", type=float, default=0.9)
+    parser.add_argument("--target", type=float, default=None, help="robust accuracy (PGD-10 per-epoch check) for "
+                        "time-to-target (default: --target-fraction of PGD-AT's final robust accuracy)")
     flags.add_teacher_args(parser)
     flags.add_student_args(parser)
-    flags.add_rrm_args(parser, cache=False)
+    flags.add_rrm_args(parser)  # --cache-teacher: rrm looks the teacher up too (a cache built fresh, timed)
     args = flags.parse(parser, argv, __file__, epochs=10, lr=3e-3, hub=False)
     if args.student is None:
         args.student, args.student_kwargs = CNN_STUDENT[0], args.student_kwargs or CNN_STUDENT[1]
@@ -65,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if not args.epoch_eval_examples:
         args.epoch_eval_examples = 200  # the curves need a check after every epoch
+    if args.cache_teacher and "rrm" in args.methods and (args.pad or args.hflip):
+        raise RRMError("--cache-teacher needs the training images unaugmented: add --pad 0 (and no --hflip)")
     return args
 
 
@@ -93,9 +99,10 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     if method == "free_at":  # the same number of passes over the data as the others
         config.epochs = max(1, math.ceil(args.epochs / args.replays))
     augment = method not in UNAUGMENTED
-    run = train(student, objective, flags.train_loader(data, args, augment, objective), accelerator, config,
-                flags.epoch_check(data, args, accelerator))
+    check = flags.epoch_check(data, args, accelerator, save_best=False)  # --keep-best: in memory only
+    run = train(student, objective, flags.train_loader(data, args, augment, objective), accelerator, config, check)
     student = accelerator.unwrap_model(student)
+    selected = check.restore(student) if args.keep_best else None
     keeps_memory = getattr(objective, "memory", None) is not None
     batch = next(iter(make_loader(data, "train", args.batch_size, origins=keeps_memory)))  # after training
     step_bytes = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
@@ -104,7 +111,8 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
              for h in run["history"]]
     extra = {"cache_build_seconds": round(cache_seconds, 2)} if cache is not None else {}
-    return {"epochs": run["epochs"], "steps": run["steps"], "pad": args.pad if augment else 0,
+    return {"epochs": run["epochs"], "steps": run["steps"], "selected_epoch": selected,
+            "pad": args.pad if augment else 0,
             "total_seconds": round(run["train_seconds"] + cache_seconds, 2), **extra,
             "seconds_per_epoch": round(run["train_seconds"] / run["epochs"], 3),
             "seconds_per_step": round(run["train_seconds"] / run["steps"], 5),
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     for method in methods:
         accelerator.print(f"--- {method}")
         cache, cache_seconds = None, 0.0
-        if method == "rrm_cached":
+        if method == "rrm_cached" or (method == "rrm" and args.cache_teacher):
             started = time.perf_counter()
             loader = make_loader(data, "train", args.batch_size, num_workers=args.num_workers)
             cache = TeacherCache.build(teacher, teacher_layer, loader).to(accelerator.device)
@@ -162,7 +170,8 @@ def summarize(results: dict, args) -> None:
     reference = results.get("pgd_at", {}).get("robust_accuracy")
     chance = 1 / args.num_classes
     # a PGD-AT student no better than twice chance (a constant guess is "robust") gives no meaningful target
-    args.target = round(args.target_fraction * reference, 4) if reference and reference > 2 * chance else None
+    if args.target is None:
+        args.target = round(args.target_fraction * reference, 4) if reference and reference > 2 * chance else None
     natural = results.get("natural", {}).get("seconds_per_step")
     unaugmented = results.get(unaugmented_reference(results), {}).get("seconds_per_step")
     for method, result in results.items():
@@ -194,16 +203,20 @@ def markdown_table(results: dict, args) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    def num(v, fmt=".1f"):
-        return "never" if v is None else format(v, fmt)
+    def num(v):
+        return "never" if v is None else f"{v:.1f}"
 
     lines = [f"| method | epochs | s/epoch | step cost vs natural | total s | clean | PGD-20 ({args.norm} "
              f"{args.eps:g}) | time to target ({pct(args.target)}) |", "|---|---|---|---|---|---|---|---|"]
     for method, r in results.items():
-        cells = [method, r["epochs"], f"{r['seconds_per_epoch']:.2f}", num(r["step_cost_vs_natural"], ".2f"),
+        step_cost = "-" if r["step_cost_vs_natural"] is None else f"{r['step_cost_vs_natural']:.2f}"  # no natural run
+        cells = [method, r["epochs"], f"{r['seconds_per_epoch']:.2f}", step_cost,
                  f"{r['total_seconds']:.1f}", pct(r["clean_accuracy"]), pct(r["robust_accuracy"]),
                  num(r["time_to_target_seconds"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if "cache_build_seconds" in results.get("rrm", {}):
+        lines.append(f"\nrrm: the teacher's outputs cached (built in {results['rrm']['cache_build_seconds']:.1f}s, "
+                     "counted in its total and its time to target).")
     if "rrm_cached" in results:
         reference = unaugmented_reference(results)
         lines.append(f"\nrrm_cached: clean matching with the teacher's outputs cached (built in "

@@ -99,10 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.preflight:
         return preflight(student, objective, teacher, data, args, accelerator, output_dir)
+    # (--holdout N: the check runs on N training images kept out of training; --keep-best ends with the weights of
+    # the epoch most robust on them)
     loader = flags.train_loader(data, args, objective=objective)
-    run = train(student, objective, loader, accelerator, flags.train_config(args),
-                flags.epoch_check(data, args, accelerator))
+    check = flags.epoch_check(data, args, accelerator)
+    run = train(student, objective, loader, accelerator, flags.train_config(args), check)
     student = accelerator.unwrap_model(student).eval()
+    selected = check.restore(student) if args.keep_best else None
     objective.remove()
 
     # 5. evaluate student and teacher the same way
@@ -120,11 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
         "student_layer": (", ".join(p["student_layer"] or "projected penultimate" for p in student.pairs)
                           if student.pairs else args.student_layer or "projected penultimate"),
         "feature_dim": feature_dim, "pairs": student.pairs or None,
-        "rrm_options": {**flags.rrm_options(args), "ce_weight": objective.ce_weight,
+        "rrm_options": {**flags.rrm_options(args), "ce_weight": objective.ce_weight, "step_size": objective.step_size,
                         "match_start": "previous" if memory else "random"},
         "teacher_cache": None if cache is None else {"path": str(cache.path), "reused": cache.reused},
         "dataset": data.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
-        "steps": run["steps"], "hardware": hardware(), "num_processes": accelerator.num_processes,
+        "steps": run["steps"], "selected_epoch": selected, "hardware": hardware(),
+        "num_processes": accelerator.num_processes,
         "images_per_second": round(run["steps"] * args.batch_size * args.grad_accum * accelerator.num_processes
                                    / max(run["train_seconds"], 1e-9), 1),
         "teacher_clean_accuracy": teacher_result["clean_accuracy"] if teacher_result else None,

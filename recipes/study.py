@@ -51,6 +51,8 @@ MATCHING = {
     "n-fgsm": ["--match-attack", "n-fgsm", "--match-start", "random"],  # the default's step made N-FGSM's
     "mismatch-attack": ["--match-attack-loss", "mismatch"],  # the default's step raising the feature mismatch
     "random-start": ["--match-start", "random"],  # the default's attack from a random start each time (FGSM-RS)
+    "free": ["--match-attack", "free"],  # no attack pass: the training backward moves the carried perturbations
+    "keep-best": ["--holdout", "500", "--keep-best"],  # end with the epoch most robust on 500 held-out images
     "adversarial": ANCHORED,
     "adversarial-kd": ANCHORED + ["--kd-weight", "1"],
     "adversarial-ce": ANCHORED + ["--ce-weight", "0.5"],

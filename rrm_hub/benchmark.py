@@ -47,7 +47,7 @@ def make_objective(method: str, *, eps: float, norm: str, teacher: nn.Module | N
         return Distillation(teacher)
     options = {"eps": eps, "norm": norm, **(rrm_options or {})}
     if method == "rrm":
-        return RRM(teacher, teacher_layer, memory=memory, **options)
+        return RRM(teacher, teacher_layer, memory=memory, cache=cache, **options)
     if method == "rrm_clean":
         return RRM(teacher, teacher_layer, **{**options, "match_on": "clean"})
     if method == "rrm_cached":

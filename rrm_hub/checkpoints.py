@@ -66,10 +66,11 @@ def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective
             shutil.rmtree(partial, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
+        # on every process: an objective may need them all to gather its state (a perturbation memory does)
+        extra = objective.checkpoint_state() if hasattr(objective, "checkpoint_state") else {}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-            extra = objective.checkpoint_state() if hasattr(objective, "checkpoint_state") else {}
             if extra:
                 save_file({k: v.contiguous() for k, v in extra.items()}, str(partial / OBJECTIVE_STATE))
             if final.exists():

@@ -10,7 +10,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -41,6 +41,7 @@ class ImageData:
     image_mode: str  # "L" or "RGB"
     image_size: tuple[int, int]  # (height, width) of the images fed to the models
     fingerprint: str = field(default="")
+    holdout: datasets.Dataset | None = None  # training images kept out of training, to judge epochs by
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +50,14 @@ class ImageData:
     @property
     def channels(self) -> int:
         return 1 if self.image_mode == "L" else 3
+
+    def hold_out(self, count: int, seed: int = 0) -> ImageData:
+        """A copy whose `count` randomly chosen (seeded) training images are moved from `train` to `holdout`."""
+        if not 0 < count < len(self.train):
+            raise RRMError(f"--holdout must be between 1 and {len(self.train) - 1} (the training images), got {count}")
+        parts = self.train.train_test_split(test_size=count, seed=seed)
+        return replace(self, train=parts["train"], holdout=parts["test"],
+                       fingerprint=f"{parts['train']._fingerprint}-{self.test._fingerprint}")
 
 
 def cache_dir() -> Path:
@@ -241,7 +250,9 @@ class PixelDataset(Dataset):
 
     def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None,
                  seed: int | None = None, augment: RandomShift | None = None, origins: bool = False):
-        self.rows = data.train if split == "train" else data.test
+        self.rows = {"train": data.train, "test": data.test, "holdout": data.holdout}.get(split)
+        if self.rows is None:
+            raise RRMError(f"no '{split}' split: use train, test, or holdout after ImageData.hold_out")
         if limit and limit < len(self.rows):  # None or 0: all
             self.rows = self.rows.select(range(limit))
         self.image_column, self.label_column = data.image_column, data.label_column

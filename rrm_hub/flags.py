@@ -134,7 +134,10 @@ def add_rrm_args(parser: argparse.ArgumentParser, cache: bool = True) -> None:
                        "(1: FGSM with random start; each step costs one student forward/backward)")
     group.add_argument("--match-attack", choices=RRM.ATTACKS, default="fgsm",
                        help="the step of --match-on adversarial: fgsm (FGSM with a random start of eps, projected; "
-                       "PGD with --match-steps > 1) or n-fgsm (random start of 2 eps, a step of eps, not projected)")
+                       "PGD with --match-steps > 1), n-fgsm (random start of 2 eps, a step of eps, not projected) or "
+                       "free (no attack pass: the gradient of the training loss itself, from the step's own backward "
+                       "pass, moves each image's perturbation for the next epoch, whatever --match-attack-loss says; "
+                       "needs --match-start previous; costs what --match-on clean does)")
     group.add_argument("--match-attack-loss", choices=RRM.ATTACK_LOSSES, default="ce",
                        help="what the step of --match-on adversarial raises: the student's cross-entropy on the "
                        "labels (default, as ARD crafts its examples) or the feature mismatch with the teacher; the "
@@ -183,9 +186,13 @@ def teacher_cache(args: argparse.Namespace, data: ImageData, teacher: torch.nn.M
 
 def perturbation_memory(args: argparse.Namespace, data: ImageData):
     """The `PerturbationMemory` of `--match-start previous` for the training images, or None."""
-    from .memory import NOT_WITH_NFGSM, PerturbationMemory
+    from .memory import FREE_NEEDS_MEMORY, NOT_WITH_NFGSM, PerturbationMemory
 
-    if args.match_start != "previous" or args.match_on != "adversarial":
+    if args.match_on != "adversarial":
+        return None
+    if args.match_start != "previous":
+        if args.match_attack == "free":
+            raise RRMError(FREE_NEEDS_MEMORY)
         return None
     if args.match_attack == "n-fgsm" and args.match_steps == 1:  # several steps: RRM says n-fgsm takes one
         raise RRMError(NOT_WITH_NFGSM)
@@ -206,17 +213,7 @@ def rrm_options(args: argparse.Namespace) -> dict:
             "norm": args.norm, "kd_weight": args.kd_weight, "temperature": args.kd_temperature,
             "eps_warmup": args.match_eps_warmup, "noise": args.noise, "teacher_input": teacher_input(args),
             "clean_weight": args.clean_weight, "steps": args.match_steps,
-            "attack": args.match_attack, "attack_loss": args.match_attack_loss, "step_size": match_step_size(args)}
-
-
-def match_step_size(args: argparse.Namespace) -> float | None:
-    """--match-step-size, with its default resolved: half of eps for an attack that goes on from the last epoch
-    (many small steps over the epochs), else None (the attack's own step)."""
-    from .memory import CARRIED_STEP
-
-    if args.match_step_size is not None:
-        return args.match_step_size
-    return CARRIED_STEP if args.match_start == "previous" else None
+            "attack": args.match_attack, "attack_loss": args.match_attack_loss, "step_size": args.match_step_size}
 
 
 def add_data_args(parser: argparse.ArgumentParser, pad: int = 2) -> None:
@@ -273,14 +270,20 @@ def add_eval_args(parser: argparse.ArgumentParser, eps: float = 0.3) -> None:
                        "recipes/evaluate.py (default: 0.25, 0.5, 0.75, 1 and 1.5 x --eps)")
     group.add_argument("--sweep-steps", type=int, default=10, help="PGD steps of the epsilon sweep")
     group.add_argument("--epoch-eval-examples", type=int, default=256,
-                       help="test images for the per-epoch check (0: no per-epoch check)")
+                       help="test images for the per-epoch check (0: no per-epoch check; with --holdout the check "
+                       "runs on all held-out images)")
+    group.add_argument("--holdout", type=int, default=0, help="hold this many training images out of training "
+                       "(seeded); the per-epoch check then runs on all of them instead of on test images")
+    group.add_argument("--keep-best", action="store_true", help="end with the weights of the epoch whose per-epoch "
+                       "check had the highest robust accuracy (against robust overfitting; needs --holdout)")
 
 
 def load_data(args: argparse.Namespace) -> ImageData:
-    """The dataset named by the data flags."""
-    return load_image_data(args.dataset, config=args.dataset_config, image_column=args.image_column,
+    """The dataset named by the data flags (with `--holdout` images moved out of its training split)."""
+    data = load_image_data(args.dataset, config=args.dataset_config, image_column=args.image_column,
                            label_column=args.label_column, train_split=args.train_split,
                            test_split=args.test_split, image_size=args.image_size, seed=args.seed)
+    return data.hold_out(args.holdout, args.seed) if getattr(args, "holdout", 0) else data
 
 
 def train_loader(data: ImageData, args: argparse.Namespace, augment: bool = True, objective=None) -> DataLoader:
@@ -311,13 +314,19 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, script: str, 
     if getattr(args, "push_to_hub", False) and not args.hub_model_id:
         raise RRMError("--push-to-hub needs --hub-model-id user/name")
     check_counts(args)
+    if args.keep_best and not (args.holdout and args.epoch_eval_examples):
+        raise RRMError("--keep-best chooses an epoch by its robust accuracy on held-out training images: add "
+                       "--holdout N (e.g. 500), and keep --epoch-eval-examples above 0")
+    if args.holdout and not args.epoch_eval_examples:
+        raise RRMError("--holdout keeps images out of training for the per-epoch check, which "
+                       "--epoch-eval-examples 0 turns off: drop one of them")
     args.command = command_line(script, argv)
     return args
 
 
 def check_counts(args: argparse.Namespace) -> None:
     """Refuse counts and sizes that cannot be meant (negative examples, zero steps, a negative epsilon)."""
-    for name in ("eval_examples", "sweep_examples", "epoch_eval_examples", "match_eps"):
+    for name in ("eval_examples", "sweep_examples", "epoch_eval_examples", "match_eps", "holdout"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise RRMError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -342,15 +351,27 @@ def card_context(args: argparse.Namespace, output_dir, data: ImageData) -> dict:
             "dataset": data.name, "args": vars(args), "command": args.command}
 
 
-def epoch_check(data: ImageData, args: argparse.Namespace, accelerator: Accelerator):
-    """The per-epoch check the flags ask for (clean and PGD-10 on a few test images), or None."""
+def epoch_check(data: ImageData, args: argparse.Namespace, accelerator: Accelerator, save_best: bool = True):
+    """The per-epoch check the flags ask for (clean and PGD-10 on a few test images, or on the held-out training
+    images), or None; with --keep-best a `BestEpoch` that also keeps the most robust epoch's weights (on disk
+    beside the checkpoints, so that --resume keeps the choice, unless `save_best` is False)."""
     from .attacks import pgd
+    from .checkpoints import resolve as resolve_checkpoint
     from .evaluate import epoch_check as make_check
+    from .selection import BestEpoch
 
     if not args.epoch_eval_examples:
         return None
-    loader = make_loader(data, "test", args.batch_size, limit=args.epoch_eval_examples)
-    return make_check(loader, pgd(args.eps, args.norm, 10), accelerator)
+    held_out = data.holdout is not None
+    loader = make_loader(data, "holdout" if held_out else "test", args.batch_size,
+                         limit=None if held_out else args.epoch_eval_examples)
+    attack = pgd(args.eps, args.norm, 10)
+    check = make_check(loader, attack, accelerator)
+    if not args.keep_best:
+        return check
+    root = Path(args.output_dir) / "checkpoints" if save_best else None  # beside the run's checkpoints
+    previous = resolve_checkpoint(args.resume, root).parent if args.resume and root else None
+    return BestEpoch(check, attack.name, root, previous, main_process=accelerator.is_main_process)
 
 
 def report(args: argparse.Namespace, accelerator: Accelerator) -> dict:

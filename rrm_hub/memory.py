@@ -15,12 +15,14 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import gather
 
-from .attacks import Attack, random_perturbation
+from .attacks import Attack, ascent_direction, project, random_perturbation
 from .data import ImageData, translate
 from .errors import RRMError
 
 NOT_WITH_NFGSM = ("--match-attack n-fgsm starts from fresh noise at every step; add --match-start random (or use "
                   "--match-attack fgsm)")
+FREE_NEEDS_MEMORY = ("--match-attack free moves each image's perturbation for the next epoch: it needs --match-start "
+                     "previous")
 CARRIED_STEP = 0.5
 """Step of an attack carried over epochs, as a multiple of eps (many small steps add up over the epochs)."""
 MAX_BYTES = 4 * 2**30
@@ -42,6 +44,7 @@ class PerturbationMemory:
                            "--match-start random")
         self.deltas = torch.zeros(num_examples, *shape, dtype=torch.float16)
         self.seen = torch.zeros(num_examples, dtype=torch.bool)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a free step not stored yet (see free_view)
 
     @classmethod
     def for_training_images(cls, data: ImageData) -> PerturbationMemory:
@@ -51,14 +54,44 @@ class PerturbationMemory:
                         origins: torch.Tensor | None) -> torch.Tensor:
         """`attack.maximize(loss_of, x)` from each image's stored perturbation (a random start for an image not
         seen yet); stores where it ended."""
+        x_adv = attack.maximize(loss_of, x, self.start(attack.eps, attack.norm, x, origins))
+        self.remember(origins, x_adv - x)
+        return x_adv
+
+    def free_view(self, eps: float, norm: str, step_size: float, x: torch.Tensor,
+                  origins: torch.Tensor | None) -> torch.Tensor:
+        """`x` plus each image's stored perturbation, with no attack step of its own: the training step's own
+        backward pass moves the perturbation one ascent step of `step_size` along the gradient of the training loss,
+        and the next epoch uses it (free adversarial training's trick, Shafahi et al. 2019, carried over epochs).
+        Returns a leaf that requires grad; the step is stored at the next call (or checkpoint)."""
+        start = self.start(eps, norm, x, origins)
+        x_view = (x + start).clamp(0, 1).detach().requires_grad_(True)
+
+        def step(grad: torch.Tensor) -> None:
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)  # fp16 overflow: no step, not NaN
+            delta = project(x_view.detach() - x + step_size * ascent_direction(grad, norm), eps, norm)
+            self.pending = (origins, (x + delta).clamp(0, 1) - x)
+
+        x_view.register_hook(step)
+        return x_view
+
+    def start(self, eps: float, norm: str, x: torch.Tensor, origins: torch.Tensor | None) -> torch.Tensor:
+        """Each image's stored perturbation as the batch `x` shows it, or a random one of size `eps` for an image
+        not seen yet."""
         if origins is None:
             raise RRMError("a perturbation memory needs the batches' origins: build the loader with "
                            "make_loader(..., origins=True)")
+        self.flush()
         stored, seen = self.recall(origins, x)
-        fresh = random_perturbation(x, attack.eps, attack.norm)
-        x_adv = attack.maximize(loss_of, x, torch.where(seen.view(-1, *[1] * (x.dim() - 1)), stored, fresh))
-        self.remember(origins, x_adv - x)
-        return x_adv
+        fresh = random_perturbation(x, eps, norm)
+        return torch.where(seen.view(-1, *[1] * (x.dim() - 1)), stored, fresh)
+
+    def flush(self) -> None:
+        """Store the step a training backward pass left (`free_view`)."""
+        if self.pending is not None:
+            origins, deltas = self.pending
+            self.pending = None
+            self.remember(origins, deltas)
 
     def recall(self, origins: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored perturbations seen as the batch `like` shows its images, and which images have one."""
@@ -84,12 +117,13 @@ class PerturbationMemory:
             self.deltas[index] = torch.where(shown, translate(delta, -dy, -dx), self.deltas[index])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self.flush()
         return {"deltas": self.deltas, "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state["deltas"].shape != self.deltas.shape:
             raise RRMError(f"the checkpoint's perturbation memory has shape {tuple(state['deltas'].shape)}, this run's "
-                           f"{tuple(self.deltas.shape)}: resume with the same dataset")
+                           f"{tuple(self.deltas.shape)}: resume with the same dataset and --holdout")
         self.deltas, self.seen = state["deltas"].to(torch.float16), state["seen"].to(torch.bool)
 
 

@@ -21,7 +21,7 @@ from . import align
 from .attacks import Attack, ascent_direction, fgsm, nfgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
-from .memory import NOT_WITH_NFGSM, MemoryCheckpointing, PerturbationMemory
+from .memory import CARRIED_STEP, FREE_NEEDS_MEMORY, NOT_WITH_NFGSM, MemoryCheckpointing, PerturbationMemory
 from .teacher_cache import CLEAN_ONLY, TeacherCache
 
 Logs = dict[str, torch.Tensor]
@@ -163,7 +163,10 @@ class RRM(MemoryCheckpointing):
       mismatch (as ARD crafts its examples); the same cost. With a `memory` (`PerturbationMemory`) each image's
       attack starts from where its attack ended the epoch before instead of a random start (ATTA, Zheng et al.,
       2020): the steps add up over epochs at no extra compute; the batches then carry `origins` (`make_loader(...,
-      origins=True)`). `step_size` sets the attack's step as a multiple of eps (default: the attack's own).
+      origins=True)`). `attack="free"` (with a memory) takes no attack step of its own: the training step's backward
+      pass moves each image's perturbation along the gradient of the training loss for the next epoch (free-AT's
+      trick), so adversarial matching costs what clean matching does. `step_size` sets the attack's step as a
+      multiple of eps (default: `memory.CARRIED_STEP`, 0.5, with a memory, else the attack's own).
       (Defaults here are the paper's and the first variants'; `recipes/rrm.py` defaults to adversarial matching
       with `attack_loss="ce"`, a memory and steps of 0.5 eps.)
     `teacher_input="clean"` gives the student's perturbed view the teacher's clean representation as target
@@ -177,7 +180,7 @@ class RRM(MemoryCheckpointing):
     name = "rrm"
     MATCH_ON = ("clean", "noise", "adversarial")
     TEACHER_INPUTS = ("matched", "clean")
-    ATTACKS = ("fgsm", "n-fgsm")
+    ATTACKS = ("fgsm", "n-fgsm", "free")
     ATTACK_LOSSES = ("mismatch", "ce")
 
     def __init__(
@@ -228,8 +231,8 @@ class RRM(MemoryCheckpointing):
             raise RRMError(f"--match-steps must be >= 1, got {steps}")
         if attack not in self.ATTACKS:
             raise RRMError(f"unknown --match-attack '{attack}'; use one of {', '.join(self.ATTACKS)}")
-        if attack == "n-fgsm" and steps > 1 and match_on == "adversarial":
-            raise RRMError("--match-attack n-fgsm takes one step; drop --match-steps or use --match-attack fgsm")
+        if attack in ("n-fgsm", "free") and steps > 1 and match_on == "adversarial":
+            raise RRMError(f"--match-attack {attack} takes one step; drop --match-steps or use --match-attack fgsm")
         if attack_loss not in self.ATTACK_LOSSES:
             raise RRMError(f"unknown --match-attack-loss '{attack_loss}'; use one of {', '.join(self.ATTACK_LOSSES)}")
         if step_size is not None and step_size <= 0:
@@ -244,7 +247,11 @@ class RRM(MemoryCheckpointing):
         self.cache = cache
         if memory is not None and match_on == "adversarial" and attack == "n-fgsm":
             raise RRMError(NOT_WITH_NFGSM)
+        if memory is None and match_on == "adversarial" and attack == "free":
+            raise RRMError(FREE_NEEDS_MEMORY)
         self.memory = memory if match_on == "adversarial" else None
+        if self.step_size is None and self.memory is not None:  # many small steps add up over the epochs
+            self.step_size = CARRIED_STEP
 
     def schedule(self, progress: float) -> None:
         """Called by the training loop: ramps the matching epsilon up over `eps_warmup` of training."""
@@ -310,6 +317,8 @@ class RRM(MemoryCheckpointing):
             return (x + random_perturbation(x, self.current_eps, self.norm, self.noise)).clamp(0, 1)
         if self.match_on != "adversarial":
             return x
+        if self.attack == "free":  # moved by the training step's own backward pass, for the next epoch
+            return self.memory.free_view(self.current_eps, self.norm, self.step_size * self.current_eps, x, origins)
         student = unwrap(model)
         if self.attack_loss == "ce" and y is None:
             raise RRMError("attack_loss='ce' moves the images against the labels: pass y")
@@ -328,7 +337,7 @@ class RRM(MemoryCheckpointing):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
         perturbed = self.match_on != "clean"
-        attacks_mismatch = self.match_on == "adversarial" and self.attack_loss == "mismatch"
+        attacks_mismatch = self.match_on == "adversarial" and self.attack_loss == "mismatch" and self.attack != "free"
         needs_clean_teacher = (not perturbed or attacks_mismatch or self.teacher_input == "clean"
                                or self.clean_weight > 0)
         clean = self.teacher_outputs(x) if needs_clean_teacher else None

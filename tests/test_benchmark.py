@@ -34,9 +34,10 @@ def test_benchmark_recipe_writes_stable_keys(tmp_path):
         "--methods", "natural", "pgd_at", "atta_at", "free_at", "rrm", "rrm_cached", "--epochs", "1", "--max-steps",
         "2",
         "--replays", "2", "--epoch-eval-examples", "32", "--eval-examples", "32", "--student", "resnet18",
-        "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--output-dir", str(tmp_path)])
+        "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--target", "0", "--output-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["ratios"] == report["ratios"]
+    assert saved["target"] == 0 and saved["methods"]["natural"]["time_to_target_seconds"] is not None  # reached at once
     for method in ("natural", "pgd_at", "atta_at", "free_at", "rrm"):
         entry = saved["methods"][method]
         for key in ("seconds_per_step", "time_to_target_seconds", "robust_accuracy", "clean_accuracy",
@@ -51,6 +52,16 @@ def test_benchmark_recipe_writes_stable_keys(tmp_path):
     assert cached["total_seconds"] >= cached["cache_build_seconds"] and reference["steps"] == cached["steps"] == 2
     assert saved["ratios"]["rrm_cached_step_over_natural_step"] == cached["step_cost_vs_natural"]
     assert "| rrm |" in (tmp_path / "benchmark.md").read_text() and (tmp_path / "benchmark.png").exists()
+
+
+def test_benchmark_rrm_with_a_cached_teacher_counts_the_cache(tmp_path):
+    report = _recipe("benchmark").main([
+        "--methods", "natural", "rrm", "--cache-teacher", "--pad", "0", "--epochs", "1", "--max-steps", "2",
+        "--epoch-eval-examples", "16", "--eval-examples", "16", "--student", "resnet18", "--student-kwargs",
+        "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--output-dir", str(tmp_path)])
+    rrm = report["methods"]["rrm"]
+    assert rrm["cache_build_seconds"] > 0 and rrm["total_seconds"] >= rrm["cache_build_seconds"]
+    assert "cache_build_seconds" not in report["methods"]["natural"]
 
 
 def test_unknown_method_is_refused():

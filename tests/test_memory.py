@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from rrm_hub import RRM, RRMError, RRMStudent, make_loader
 from rrm_hub.data import RandomShift, translate
-from rrm_hub.memory import PerturbationMemory
+from rrm_hub.memory import CARRIED_STEP, PerturbationMemory
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,12 @@ def test_matching_attack_goes_on_from_the_last_epochs_perturbation(teacher, stud
     objective = RRM(teacher, match_on="adversarial", eps=0.1, attack_loss="ce", memory=memory)
     first = objective.matching_inputs(student, x, y=y, origins=origins)
     assert memory.seen.all() and torch.allclose(memory.deltas.float(), first - x, atol=1e-3)
-    # the next step starts from the stored perturbation: one step of 1.25 eps from there, projected
+    # the next step starts from the stored perturbation: one step of 0.5 eps (the carried default) from there
+    assert objective.step_size == CARRIED_STEP == 0.5
     start = memory.deltas.float()
     delta = start.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(student(x + delta), y), delta)
-    expected = ((x + (start + 0.125 * grad.sign()).clamp(-0.1, 0.1)).clamp(0, 1))
+    expected = ((x + (start + 0.05 * grad.sign()).clamp(-0.1, 0.1)).clamp(0, 1))
     second = objective.matching_inputs(student, x, y=y, origins=origins)
     assert torch.allclose(second, expected, atol=1e-3)
     with pytest.raises(RRMError, match="origins=True"):
@@ -108,3 +109,37 @@ def test_step_size_is_a_multiple_of_the_current_eps(teacher):
     assert RRM(teacher, match_on="adversarial", eps=0.2).matching_attack().alpha == pytest.approx(0.25)  # FGSM-RS
     with pytest.raises(RRMError, match="must be > 0"):
         RRM(teacher, match_on="adversarial", step_size=0)
+
+
+def test_free_step_comes_from_the_training_backward_pass(teacher, student):
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    origins = torch.tensor([[i, 0, 0, 0] for i in range(4)])
+    student.eval()
+    memory = PerturbationMemory(4, (1, 28, 28))
+    objective = RRM(teacher, match_on="adversarial", eps=0.1, attack="free", teacher_input="clean", memory=memory)
+    torch.manual_seed(0)
+    loss, _ = objective(student, x, y, origins)
+    assert not memory.seen.any()  # no attack pass: nothing moves before the training backward
+    torch.manual_seed(0)
+    start = torch.empty_like(x).uniform_(-0.1, 0.1)  # the random start of unseen images
+    view = (x + start).clamp(0, 1).requires_grad_(True)
+    logits, features = student(view, return_features=True)
+    target = objective.teacher_outputs(x)[1]
+    expected_loss = F.cross_entropy(logits, y) + objective.mismatch(features, target)[0]
+    (grad,) = torch.autograd.grad(expected_loss, view)
+    assert torch.allclose(loss, expected_loss, atol=1e-5)
+    loss.backward()  # the training step's backward moves each perturbation one step of 0.5 eps along its gradient
+    state = objective.checkpoint_state()  # a checkpoint stores the step taken
+    moved = (x + (view.detach() - x + 0.05 * grad.sign()).clamp(-0.1, 0.1)).clamp(0, 1) - x
+    assert state["seen"].all() and torch.allclose(state["deltas"].float(), moved, atol=1e-3)
+    student.zero_grad()
+    with pytest.raises(RRMError, match="needs --match-start previous"):
+        RRM(teacher, match_on="adversarial", attack="free")
+    with pytest.raises(RRMError, match="takes one step"):
+        RRM(teacher, match_on="adversarial", attack="free", steps=2, memory=memory)
+
+
+def test_step_size_defaults_to_the_carried_step_only_with_a_memory(teacher):
+    assert RRM(teacher, match_on="adversarial", memory=PerturbationMemory(2, (1, 2, 2))).step_size == CARRIED_STEP
+    assert RRM(teacher, match_on="adversarial").step_size is None  # FGSM-RS's own 1.25 eps
+    assert RRM(teacher, match_on="clean", memory=PerturbationMemory(2, (1, 2, 2))).step_size is None

@@ -7,10 +7,11 @@ import datasets
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from rrm_hub import RRMStudent, load_teacher
 
-from .conftest import ROOT, run_recipe
+from .conftest import ROOT, call_recipe, run_recipe
 
 QUICK = ["--max-steps", "3", "--epoch-eval-examples", "32", "--eval-examples", "64", "--sweep-examples", "32",
          "--eval-steps", "3"]
@@ -60,6 +61,25 @@ def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path, method, n
     assert teacher.num_classes == 10 and teacher(torch.rand(1, 1, 28, 28)).shape == (1, 10)
     card = (out / "README.md").read_text()
     assert "recipes/adversarial_train.py" in card and named in card and attack in card
+
+
+def test_keep_best_ends_with_the_epoch_most_robust_on_held_out_images(tmp_path):
+    out = tmp_path / "student"
+    code, stderr = call_recipe("rrm.py", [
+        "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--batch-size",
+        "1000", "--epochs", "3", "--holdout", "48", "--keep-best", "--eval-examples", "16", "--sweep-examples", "16",
+        "--eval-steps", "1", "--no-checks", "--output-dir", str(out)])
+    assert code == 0, stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    best = max(range(3), key=lambda i: (history[i]["pgd10"], -i))  # the first of equals
+    assert metrics["selected_epoch"] == {"epoch": best + 1, "pgd10": history[best]["pgd10"]}
+    assert history[-1]["best_epoch"] == best + 1 and metrics["epochs"] == 3
+    saved = RRMStudent.from_pretrained(out).state_dict()
+    kept = load_file(out / "checkpoints" / "best-epoch.safetensors")
+    assert kept and all(torch.equal(saved[k], v) for k, v in kept.items())
+    assert f"weights of epoch {best + 1} of 3: the highest PGD-10 accuracy on 48 training images held out" in (
+        out / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
