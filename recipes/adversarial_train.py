@@ -18,6 +18,7 @@ from rrm_hub.errors import cli
 from rrm_hub.evaluate import robustness_report
 from rrm_hub.memory import PerturbationMemory
 from rrm_hub.models import save_timm_folder
+from rrm_hub.selection import late_fall
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
                 flags.train_config(args), check)
     model = accelerator.unwrap_model(model)
     selected = check.restore(model) if args.keep_best else None
+    if not args.keep_best and (fall := late_fall(run["history"])):
+        accelerator.print(fall)
 
     # 4. evaluate, then save a Hub-format folder
     report = robustness_report(

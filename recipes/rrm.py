@@ -19,6 +19,7 @@ from rrm_hub.cards import hardware, plot_sweeps, save_json
 from rrm_hub.errors import RRMError, cli
 from rrm_hub.evaluate import robustness_report, transfer_check
 from rrm_hub.features import default_layer, feature_width, list_layers
+from rrm_hub.selection import late_fall
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     run = train(student, objective, loader, accelerator, flags.train_config(args), check)
     student = accelerator.unwrap_model(student).eval()
     selected = check.restore(student) if args.keep_best else None
+    if not args.keep_best and (fall := late_fall(run["history"])):
+        accelerator.print(fall)
     objective.remove()
 
     # 5. evaluate student and teacher the same way

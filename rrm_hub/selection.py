@@ -80,3 +80,15 @@ class BestEpoch:
         else:
             raise RRMError("no epoch was checked, so none can be kept: drop --keep-best or train for an epoch")
         return {"epoch": self.epoch, self.metric: self.best}
+
+
+def late_fall(history: list[dict], metric: str = "pgd10", margin: float = 0.05) -> str | None:
+    """A one-line note when the per-epoch check's `metric` ended more than `margin` below its best, else None."""
+    values = [(record[metric], record["epoch"]) for record in history if record.get(metric) is not None]
+    if not values:
+        return None
+    (best, epoch), last = max(values, key=lambda v: (v[0], -v[1])), values[-1][0]
+    if best - last <= margin:
+        return None
+    return (f"note: the per-epoch check's {metric} peaked at {best:.1%} (epoch {epoch}) and ended at {last:.1%}; "
+            "--holdout 500 --keep-best ends a run with its most robust epoch")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from rrm_hub import RRMError, make_loader
-from rrm_hub.selection import FILENAME, BestEpoch
+from rrm_hub.selection import FILENAME, BestEpoch, late_fall
 
 
 def test_hold_out_moves_seeded_training_images_out_of_training(mnist):
@@ -52,3 +52,11 @@ def test_best_epoch_keeps_and_restores_the_most_robust_epochs_weights(tmp_path):
     (tmp_path / FILENAME).write_bytes(b"garbage")
     with pytest.raises(RRMError, match="is damaged; delete it"):
         BestEpoch(lambda epoch, m: {}, "pgd10", tmp_path, previous=tmp_path)
+
+
+def test_a_late_fall_of_the_check_is_pointed_out():
+    history = [{"epoch": 1, "pgd10": 0.2}, {"epoch": 2, "pgd10": 0.66}, {"epoch": 3, "pgd10": 0.45}]
+    note = late_fall(history)
+    assert "peaked at 66.0% (epoch 2) and ended at 45.0%" in note and "--keep-best" in note
+    assert late_fall(history[:2]) is None and late_fall([{"epoch": 1, "clean": 0.9}]) is None
+    assert late_fall([{"epoch": 1, "pgd10": 0.5}, {"epoch": 2, "pgd10": 0.47}]) is None  # within the margin
