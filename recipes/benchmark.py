@@ -103,8 +103,7 @@ def run_method(method: str, args, data, teacher, teacher_layer, feature_dim, acc
     run = train(student, objective, flags.train_loader(data, args, augment, objective), accelerator, config, check)
     student = accelerator.unwrap_model(student)
     selected = check.restore(student) if args.keep_best else None
-    keeps_memory = getattr(objective, "memory", None) is not None
-    batch = next(iter(make_loader(data, "train", args.batch_size, origins=keeps_memory)))  # after training
+    batch = next(iter(flags.train_loader(data, args, augment, objective)))  # after training
     step_bytes = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
     final = evaluate(student, make_loader(data, "test", args.batch_size, limit=args.eval_examples),
                      {"pgd20": pgd(args.eps, args.norm, 20)}, accelerator, desc=f"{method} pgd20")

@@ -186,17 +186,14 @@ def teacher_cache(args: argparse.Namespace, data: ImageData, teacher: torch.nn.M
 
 def perturbation_memory(args: argparse.Namespace, data: ImageData):
     """The `PerturbationMemory` of `--match-start previous` for the training images, or None."""
-    from .memory import FREE_NEEDS_MEMORY, NOT_WITH_NFGSM, PerturbationMemory
+    from .memory import PerturbationMemory, refuse_carry
 
     if args.match_on != "adversarial":
         return None
-    if args.match_start != "previous":
-        if args.match_attack == "free":
-            raise RRMError(FREE_NEEDS_MEMORY)
-        return None
-    if args.match_attack == "n-fgsm" and args.match_steps == 1:  # several steps: RRM says n-fgsm takes one
-        raise RRMError(NOT_WITH_NFGSM)
-    return PerturbationMemory.for_training_images(data)
+    carried = args.match_start == "previous"
+    if args.match_steps == 1:  # several steps: RRM says n-fgsm and free take one
+        refuse_carry(args.match_attack, carried)  # before the teacher cache is built
+    return PerturbationMemory.for_training_images(data) if carried else None
 
 
 def teacher_input(args: argparse.Namespace) -> str:

@@ -29,6 +29,14 @@ MAX_BYTES = 4 * 2**30
 """Largest memory allowed (float16 on the CPU): 4 GiB, about 900,000 RGB images of 28 x 28, 14,000 of 224 x 224."""
 
 
+def refuse_carry(attack: str, carried: bool) -> None:
+    """Refuse an attack that cannot go on from a stored perturbation (n-fgsm) or cannot do without one (free)."""
+    if carried and attack == "n-fgsm":
+        raise RRMError(NOT_WITH_NFGSM)
+    if not carried and attack == "free":
+        raise RRMError(FREE_NEEDS_MEMORY)
+
+
 class PerturbationMemory:
     """The last perturbation of each of `num_examples` training images of `shape` (C, H, W), float16 on the CPU.
 

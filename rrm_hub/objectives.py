@@ -21,7 +21,7 @@ from . import align
 from .attacks import Attack, ascent_direction, fgsm, nfgsm, pgd, project, random_perturbation
 from .errors import RRMError
 from .features import FeatureTap
-from .memory import CARRIED_STEP, FREE_NEEDS_MEMORY, NOT_WITH_NFGSM, MemoryCheckpointing, PerturbationMemory
+from .memory import CARRIED_STEP, MemoryCheckpointing, PerturbationMemory, refuse_carry
 from .teacher_cache import CLEAN_ONLY, TeacherCache
 
 Logs = dict[str, torch.Tensor]
@@ -245,10 +245,8 @@ class RRM(MemoryCheckpointing):
         if cache is not None and match_on != "clean" and teacher_input == "matched":
             raise RRMError(CLEAN_ONLY.format(match_on=match_on))
         self.cache = cache
-        if memory is not None and match_on == "adversarial" and attack == "n-fgsm":
-            raise RRMError(NOT_WITH_NFGSM)
-        if memory is None and match_on == "adversarial" and attack == "free":
-            raise RRMError(FREE_NEEDS_MEMORY)
+        if match_on == "adversarial":
+            refuse_carry(attack, memory is not None)
         self.memory = memory if match_on == "adversarial" else None
         if self.step_size is None and self.memory is not None:  # many small steps add up over the epochs
             self.step_size = CARRIED_STEP
