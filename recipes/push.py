@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-from rrm_hub.errors import cli
+from rrm_hub.errors import one_line_errors
 from rrm_hub.hub import push_folder, upload_plan
 
 
-@cli
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="an output folder with config.json, model.safetensors and README.md")

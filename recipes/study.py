@@ -1,104 +1,82 @@
-"""Which RRM variant makes which student robust? A study over `recipes/rrm.py` (and PGD-AT) runs.
+"""Which RRM variant makes which student robust? A study over `recipes/rrm.py` (and adversarial training) runs.
 
     python recipes/study.py --variants vit/noise vit/adversarial cnn/noise --jobs 2
     python recipes/study.py --list
 
-Each variant is one run of a recipe with its own flags (see VARIANTS, or name any recipe flags with
-`--extra`). Runs go in parallel (`--jobs`), each writes its folder under `--output-dir`; the study
-collects their metrics.json into study.json, a markdown table (variant, seconds per step, clean, robust
-accuracy at each sweep epsilon, seconds) and study.png (robust accuracy at --eps versus training seconds).
+A variant is `STUDENT/MATCHING` (an RRM run) or `STUDENT/BASELINE` (adversarial training of the same student, no
+teacher), each read from YAML files under recipes/configs/study/: students/STUDENT.yaml, matching/MATCHING.yaml and
+baselines/BASELINE.yaml. Its settings become the recipe's flags (add any with `--extra`). Runs go in parallel
+(`--jobs`), each writes its folder under `--output-dir`; the study collects their metrics.json into study.json, a
+markdown table (variant, seconds per step, clean, robust accuracy at each sweep epsilon, seconds) and study.png
+(robust accuracy at --eps versus training seconds).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from rrm_hub import cli
 from rrm_hub.cards import save_json
-from rrm_hub.errors import RRMError, cli
-from rrm_hub.flags import DEFAULT_STUDENT, DEFAULT_STUDENT_KWARGS
+from rrm_hub.config import DEFAULT_STUDENT, DEFAULT_STUDENT_KWARGS, AdversarialTrainConfig, DistillConfig, RunConfig
+from rrm_hub.errors import RRMError, one_line_errors
+from rrm_hub.settings import setting
 
 RECIPES = Path(__file__).resolve().parent
-STUDENTS = {
-    "vit": [],  # the default student of recipes/rrm.py: ViT-Tiny family, 28 px, patch 7, depth 4, width 96
-    "vit-p4": ["--student", "vit_tiny_patch16_224", "--student-kwargs", "img_size=28", "patch_size=4", "depth=4",
-               "embed_dim=96", "num_heads=3"],
-    "vit-wide": ["--student", "vit_tiny_patch16_224", "--student-kwargs", "img_size=28", "patch_size=7", "depth=4",
-                 "embed_dim=192", "num_heads=3"],  # the default ViT at twice the width
-    "vit-deep": ["--student", "vit_tiny_patch16_224", "--student-kwargs", "img_size=28", "patch_size=7", "depth=8",
-                 "embed_dim=96", "num_heads=3"],  # the default ViT at twice the depth
-    "vit-conv": ["--student", "vit_tiny_r_s16_p8_224", "--student-kwargs", "img_size=28", "patch_size=1",
-                 "depth=4", "embed_dim=96", "num_heads=3"],  # ViT on a ResNet stem (conv, stride 4): 7x7 tokens
-    "cnn": ["--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(24,48,96,128)",
-            "stem_width=24", "output_stride=8", "--lr", "3e-3"],
-}
-ANCHORED = ["--match-on", "adversarial", "--match-attack-loss", "mismatch", "--match-start", "random",
-            "--ce-weight", "0.005", "--teacher-input", "clean", "--clean-weight", "1", "--match-eps-warmup", "0.3"]
-"""Adversarial matching with a clean anchor, as the H100 study ran it (then the step raised the mismatch, from a
-random start, and CE had the reference weight)."""
-MATCHING = {
-    "default": [],  # recipes/rrm.py's defaults
-    "clean": ["--match-on", "clean"],  # the paper's method
-    "noise": ["--match-on", "noise"],
-    "sign-noise": ["--match-on", "noise", "--noise", "sign"],
-    "noise-kd": ["--match-on", "noise", "--kd-weight", "1"],
-    "n-fgsm": ["--match-attack", "n-fgsm", "--match-start", "random"],  # the default's step made N-FGSM's
-    "mismatch-attack": ["--match-attack-loss", "mismatch"],  # the default's step raising the feature mismatch
-    "random-start": ["--match-start", "random"],  # the default's attack from a random start each time (FGSM-RS)
-    "free": ["--match-attack", "free"],  # no attack pass: the training backward moves the carried perturbations
-    "keep-best": ["--holdout", "500", "--keep-best"],  # end with the epoch most robust on 500 held-out images
-    "adversarial": ANCHORED,
-    "adversarial-kd": ANCHORED + ["--kd-weight", "1"],
-    "adversarial-ce": ANCHORED + ["--ce-weight", "0.5"],
-}
-PGD_AT = ["--method", "pgd_at", "--attack-steps", "7", "--eps-warmup", "0.3"]
-ATTA_AT = ["--method", "atta_at", "--epochs", "60", "--eps-warmup", "0.5", "--pad", "0"]
-"""Adversarial training with the default's attack (carried over epochs), unaugmented, without a teacher: the control
-of the CPU study (60 epochs, as the RRM runs it is compared with)."""
+VARIANTS = RECIPES / "configs" / "study"
+
+
+@dataclass
+class StudyConfig(RunConfig):
+    variants: list[str] = setting(help="names from --list", nargs="*",
+                                  factory=lambda: ["vit/clean", "vit/noise", "cnn/clean", "cnn/noise"])
+    list_variants: bool = setting(False, "print the variants and their flags, then stop", flag="--list")
+    extra: str = setting("", "flags added to every run, e.g. '--epochs 60 --batch-size 256'")
+    jobs: int = setting(1, "runs at a time", ge=1)
+    eps: float = setting(0.3, "attack budget of every run", ge=0)
+    eps_sweep: list[float] = setting(help="epsilons reported in the table (PGD-20)", nargs="+", ge=0,
+                                     factory=lambda: [0.1, 0.2, 0.3])
+    output_dir: str = setting("study", "output folder")
+
+
+def _names(folder: str) -> list[str]:
+    return sorted(path.stem for path in (VARIANTS / folder).glob("*.yaml"))
+
+
+def as_model(student: dict) -> dict:
+    """A student file's settings for adversarial training: its student section becomes the model section."""
+    settings = {key: value for key, value in student.items() if key != "student"}
+    section = student.get("student", {})
+    name = section.get("name")
+    kwargs = section.get("kwargs", DEFAULT_STUDENT_KWARGS if name is None else [])
+    return {**settings, "model": {"name": name or DEFAULT_STUDENT, "kwargs": kwargs}}
 
 
 def variants() -> dict[str, tuple[str, list[str]]]:
-    """Every named variant: `student/matching` for RRM and `student/pgd_at` for the PGD-AT baseline."""
+    """Every named variant: (recipe, flags) for `student/matching` (RRM) and `student/baseline` (no teacher)."""
     table = {}
-    for student, student_flags in STUDENTS.items():
-        for matching, matching_flags in MATCHING.items():
-            table[f"{student}/{matching}"] = ("rrm.py", student_flags + matching_flags)
-        model_flags = ([f.replace("--student-kwargs", "--model-kwargs").replace("--student", "--model")
-                        for f in student_flags]
-                       or ["--model", DEFAULT_STUDENT, "--model-kwargs", *DEFAULT_STUDENT_KWARGS])
-        table[f"{student}/pgd_at"] = ("adversarial_train.py", model_flags + PGD_AT)
-        table[f"{student}/atta_at"] = ("adversarial_train.py", model_flags + ATTA_AT)
+    for student in _names("students"):
+        settings = cli.load_yaml(VARIANTS / "students" / f"{student}.yaml")
+        for matching in _names("matching"):
+            data = cli.merge(settings, cli.load_yaml(VARIANTS / "matching" / f"{matching}.yaml"))
+            table[f"{student}/{matching}"] = ("rrm.py", cli.flags_of(DistillConfig, data))
+        for baseline in _names("baselines"):
+            data = cli.merge(as_model(settings), cli.load_yaml(VARIANTS / "baselines" / f"{baseline}.yaml"))
+            table[f"{student}/{baseline}"] = ("adversarial_train.py", cli.flags_of(AdversarialTrainConfig, data))
     return table
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="*", default=["vit/clean", "vit/noise", "cnn/clean", "cnn/noise"],
-                        help="names from --list")
-    parser.add_argument("--list", action="store_true", help="print the variants and their flags, then stop")
-    parser.add_argument("--extra", default="", help="flags added to every run, e.g. '--epochs 60 --batch-size 256'")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--eps", type=float, default=0.3)
-    parser.add_argument("--eps-sweep", type=float, nargs="+", default=[0.1, 0.2, 0.3],
-                        help="epsilons reported in the table (PGD-20)")
-    parser.add_argument("--output-dir", default="study")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        raise RRMError("--jobs must be >= 1")
-    return args
-
-
-def command(recipe: str, flags: list[str], args: argparse.Namespace, folder: Path) -> list[str]:
+def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path) -> list[str]:
     """The recipe run of one variant: its flags, then the study's evaluation flags, then --extra."""
-    sweep = [f"{e:g}" for e in args.eps_sweep]
-    return [sys.executable, str(RECIPES / recipe), *flags, "--eps", str(args.eps), "--eps-sweep", *sweep,
-            "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), *shlex.split(args.extra)]
+    sweep = [f"{e:g}" for e in config.eps_sweep]
+    return [sys.executable, str(RECIPES / recipe), *flags, "--eps", str(config.eps), "--eps-sweep", *sweep,
+            "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), *shlex.split(config.extra)]
 
 
 def run_one(name: str, cmd: list[str], folder: Path) -> dict:
@@ -166,26 +144,26 @@ def plot(rows: list[dict], path: Path, eps: float) -> None:
     plt.close(fig)
 
 
-@cli
+@one_line_errors
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    config = cli.parse(StudyConfig, argv, description=__doc__)
     known = variants()
-    if args.list:
+    if config.list_variants:
         for name, (recipe, flags) in known.items():
             print(f"{name:<24} {recipe} {shlex.join(flags)}")
         return {}
-    unknown = [v for v in args.variants if v not in known]
+    unknown = [v for v in config.variants if v not in known]
     if unknown:
         raise RRMError(f"unknown variant(s) {', '.join(unknown)}; see --list")
-    output_dir = Path(args.output_dir)
-    runs = {v: command(*known[v], args, output_dir / v.replace("/", "__")) for v in args.variants}
-    with ThreadPoolExecutor(args.jobs) as pool:
+    output_dir = Path(config.output_dir)
+    runs = {v: command(*known[v], config, output_dir / v.replace("/", "__")) for v in config.variants}
+    with ThreadPoolExecutor(config.jobs) as pool:
         rows = list(pool.map(lambda v: run_one(v, runs[v], output_dir / v.replace("/", "__")), runs))
-    result = {"eps": args.eps, "jobs": args.jobs, "extra": args.extra, "rows": rows}
+    result = {"eps": config.eps, "jobs": config.jobs, "extra": config.extra, "rows": rows}
     save_json(result, output_dir / "study.json")
-    (output_dir / "study.md").write_text(table(rows, args.eps))
-    plot(rows, output_dir / "study.png", args.eps)
-    print(table(rows, args.eps))
+    (output_dir / "study.md").write_text(table(rows, config.eps))
+    plot(rows, output_dir / "study.png", config.eps)
+    print(table(rows, config.eps))
     return result
 
 

@@ -13,7 +13,7 @@ A pair of two vectors is matched as vectors in either mode; a map against a vect
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -129,9 +129,46 @@ def common_grid(match: Match, mode: str, teacher_shape: list[int], student_shape
     return [min(teacher_shape[1], student_shape[1]), min(teacher_shape[2], student_shape[2])]
 
 
+@dataclass(frozen=True)
+class MatchedPair:
+    """One matched pair as a run uses it: the layers, the weight, how the sides are compared (`mode`) and the teacher
+    side's shape (`view_shape`). `grid`, the common grid of a spatial pair, comes with the student side
+    (`with_student`), which also turns a pair of two vectors into a pooled one."""
+
+    teacher_layer: str
+    student_layer: str | None
+    weight: float
+    mode: str
+    teacher_shape: list[int]
+    grid: list[int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher_layer}:{self.student_layer or PENULTIMATE}"
+
+    def with_student(self, student_shape: list[int]) -> MatchedPair:
+        match = Match(self.teacher_layer, self.student_layer, self.weight)
+        grid = common_grid(match, self.mode, list(self.teacher_shape), student_shape)
+        return replace(self, grid=grid, mode="spatial" if grid is not None else "pooled")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MatchedPair:
+        return cls(data["teacher_layer"], data.get("student_layer"), float(data.get("weight", 1.0)), data["mode"],
+                   list(data["teacher_shape"]), list(data["grid"]) if data.get("grid") is not None else None)
+
+
+def grid_options(network: nn.Module) -> tuple[int | None, bool]:
+    """How `network`'s layers lay out their tokens and maps: class/register tokens ahead of the patch tokens (None:
+    infer from the count) and whether its maps are (B, H, W, C)."""
+    return getattr(network, "num_prefix_tokens", None), channels_last(network)
+
+
 @torch.no_grad()
 def teacher_pairs(model: nn.Module, network: nn.Module, matches: list[Match], mode: str,
-                  sample: torch.Tensor) -> list[dict]:
+                  sample: torch.Tensor) -> list[MatchedPair]:
     """The pairs as `RRMStudent.for_teacher(pairs=...)` takes them, with each teacher layer's shape from one dry
     forward pass of `model` (whose `network` names the layers)."""
     if mode not in MODES:
@@ -146,8 +183,6 @@ def teacher_pairs(model: nn.Module, network: nn.Module, matches: list[Match], mo
     finally:
         for tap in taps.values():
             tap.remove()
-    prefix, nhwc = getattr(network, "num_prefix_tokens", None), channels_last(network)
-    return [{"teacher_layer": m.teacher_layer, "student_layer": m.student_layer, "weight": m.weight,
-             "mode": mode,
-             "teacher_shape": view_shape(raw[m.teacher_layer], mode, prefix, nhwc, m.teacher_layer)}
-            for m in matches]
+    prefix, nhwc = grid_options(network)
+    return [MatchedPair(m.teacher_layer, m.student_layer, m.weight, mode,
+                        view_shape(raw[m.teacher_layer], mode, prefix, nhwc, m.teacher_layer)) for m in matches]

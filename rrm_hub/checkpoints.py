@@ -14,12 +14,17 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import RRMError
+
+if TYPE_CHECKING:
+    from .objectives.base import Objective
+    from .train import TrainState
 
 TRAINER_STATE = "trainer.json"
 OBJECTIVE_STATE = "objective.safetensors"
@@ -51,14 +56,14 @@ def resolve(spec: str, root: Path) -> Path:
     return path
 
 
-def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective=None) -> Path:
-    """Save model, optimizer, scheduler and RNG states plus `state` (and `objective.checkpoint_state()`, if it has
-    one) as `root/step-<state['step']>`.
+def save(accelerator: Accelerator, root: Path, state: TrainState, keep: int, objective: Objective) -> Path:
+    """Save model, optimizer, scheduler and RNG states plus `state` (and `objective.checkpoint_state()`) as
+    `root/step-<state.step>`.
 
     Every process must call this. A full disk or an unwritable folder raises `RRMError`; earlier
     checkpoints stay as they were.
     """
-    final = root / f"{PREFIX}{state['step']:08d}"
+    final = root / f"{PREFIX}{state.step:08d}"
     partial = root / f".partial-{final.name}"
     try:
         if accelerator.is_main_process:
@@ -67,10 +72,10 @@ def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
         # on every process: an objective may need them all to gather its state (a perturbation memory does)
-        extra = objective.checkpoint_state() if hasattr(objective, "checkpoint_state") else {}
+        extra = objective.checkpoint_state()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            (partial / TRAINER_STATE).write_text(json.dumps(state.to_json(), indent=1))
             if extra:
                 save_file({k: v.contiguous() for k, v in extra.items()}, str(partial / OBJECTIVE_STATE))
             if final.exists():
@@ -84,18 +89,20 @@ def save(accelerator: Accelerator, root: Path, state: dict, keep: int, objective
         full = " (the disk is full)" if getattr(err, "errno", None) == errno.ENOSPC else ""
         kept = checkpoints(root)
         before = f"; the checkpoint {kept[-1]} is kept" if kept else ""
-        raise RRMError(f"could not save the checkpoint of step {state['step']} in '{root}'{full}: "
+        raise RRMError(f"could not save the checkpoint of step {state.step} in '{root}'{full}: "
                        f"{getattr(err, 'strerror', None) or err}{before}") from None
     accelerator.wait_for_everyone()
     return final
 
 
-def load(accelerator: Accelerator, path: Path, objective=None) -> dict:
+def load(accelerator: Accelerator, path: Path, objective: Objective) -> TrainState:
     """Restore the states saved in `path` into the prepared objects (and `objective`); returns its trainer state."""
+    from .train import TrainState
+
     try:
-        state = json.loads((path / TRAINER_STATE).read_text())
+        state = TrainState.from_json(json.loads((path / TRAINER_STATE).read_text()))
         accelerator.load_state(str(path))
-        if hasattr(objective, "load_checkpoint_state") and (path / OBJECTIVE_STATE).exists():
+        if (path / OBJECTIVE_STATE).exists():
             objective.load_checkpoint_state(load_file(str(path / OBJECTIVE_STATE)))
     except RRMError:
         raise

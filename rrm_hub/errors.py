@@ -14,7 +14,7 @@ class RRMError(Exception):
     """A problem with the user's input or environment, reported as one line naming the fix."""
 
 
-def cli(main: Callable[..., T]) -> Callable[..., T]:
+def one_line_errors(main: Callable[..., T]) -> Callable[..., T]:
     """Run a recipe's `main`, turning an `RRMError` (or Ctrl-C) into one line on stderr and exit code 2."""
 
     @wraps(main)

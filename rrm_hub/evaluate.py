@@ -5,6 +5,8 @@ and the accuracy-versus-epsilon sweep. Attacks work in [0, 1] pixel space (see `
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -14,7 +16,9 @@ from tqdm.auto import tqdm
 
 from .attacks import Attack, pgd
 from .checks import MaskingChecks, run_checks, warn_failed_checks
+from .config import DataConfig, EvaluatedModel, RunConfig
 from .errors import RRMError
+from .settings import section, setting
 from .suites import WORST_CASE, AttackFn, accuracy, attack_suite, worst_case
 
 DEFAULT_CHECKS = MaskingChecks()
@@ -197,3 +201,38 @@ def transfer_check(student: nn.Module, teacher: nn.Module, loader: DataLoader, e
              "ratio": ours["robust_accuracy"][name] / max(theirs["robust_accuracy"][name], 1e-9)} for name in attacks]
     return {"rows": rows, "student_clean": ours["clean_accuracy"], "teacher_clean": theirs["clean_accuracy"],
             "moving": rows[0]["ratio"] >= moving, "threshold": moving, "num_examples": ours["num_examples"]}
+
+
+DEFAULT_EPS = {"linf": 0.3, "l2": 2.0}
+"""The usual MNIST threat models."""
+EPS_RULE = "--eps must be > 0 and --eps-sweep values >= 0"
+COUNT_RULE = "--batch-size, --n-examples, --steps and --square-queries must be >= 1"
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
+    """`recipes/evaluate.py`: the robustness of any model `load_teacher` loads, on any dataset."""
+
+    model: EvaluatedModel = section(lambda: EvaluatedModel(name=None))
+    norm: Literal["linf", "l2"] = setting("linf", "threat model")
+    eps: float | None = setting(None, "attack budget in [0, 1] pixels (default: 0.3 for linf, 2.0 for l2; the "
+                                "largest --eps-sweep value if that is given)", gt=0, error=EPS_RULE)
+    eps_sweep: list[float] | None = setting(None, "also run the suite at these epsilons, for the accuracy-versus-"
+                                            "epsilon curve", nargs="+", ge=0, error=EPS_RULE)
+    suite: Literal["pgd", "standard"] = setting("pgd", "pgd: PGD-20 (fast); standard: AutoAttack's APGD-CE, "
+                                                "APGD-T and Square")
+    steps: int | None = setting(None, "iterations of each gradient attack (default: 20 for pgd, 100 for APGD)",
+                                ge=1, error=COUNT_RULE)
+    square_queries: int = setting(5000, "queries of the Square attack", ge=1, error=COUNT_RULE)
+    no_checks: bool = setting(False, "skip the gradient-masking checks")
+    n_examples: int | None = setting(None, "first N test images (default: all)", ge=1, error=COUNT_RULE)
+    batch_size: int = setting(256, "per process", ge=1, error=COUNT_RULE)
+    seed: int = setting(0, "seed of the random starts and of any split")
+    output_dir: str = setting("evaluation", "output folder")
+    data: DataConfig = section(DataConfig)
+
+    @property
+    def resolved_eps(self) -> float:
+        if self.eps is not None:
+            return self.eps
+        return max(self.eps_sweep) if self.eps_sweep else DEFAULT_EPS[self.norm]

@@ -19,22 +19,10 @@ from .attacks import Attack, ascent_direction, project, random_perturbation
 from .data import ImageData, translate
 from .errors import RRMError
 
-NOT_WITH_NFGSM = ("--match-attack n-fgsm starts from fresh noise at every step; add --match-start random (or use "
-                  "--match-attack fgsm)")
-FREE_NEEDS_MEMORY = ("--match-attack free moves each image's perturbation for the next epoch: it needs --match-start "
-                     "previous")
 CARRIED_STEP = 0.5
 """Step of an attack carried over epochs, as a multiple of eps (many small steps add up over the epochs)."""
 MAX_BYTES = 4 * 2**30
 """Largest memory allowed (float16 on the CPU): 4 GiB, about 900,000 RGB images of 28 x 28, 14,000 of 224 x 224."""
-
-
-def refuse_carry(attack: str, carried: bool) -> None:
-    """Refuse an attack that cannot go on from a stored perturbation (n-fgsm) or cannot do without one (free)."""
-    if carried and attack == "n-fgsm":
-        raise RRMError(NOT_WITH_NFGSM)
-    if not carried and attack == "free":
-        raise RRMError(FREE_NEEDS_MEMORY)
 
 
 class PerturbationMemory:

@@ -64,13 +64,17 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
                                         pretrained_backbone)
         self.preprocess = PixelPreprocess(cfg["input_size"], cfg["mean"], cfg["std"], cfg.get("interpolation", ""))
         self.student_layer: str | None = rrm.get("student_layer")
-        width, layer_width = self._dry_run()
+        requested = [align.MatchedPair.from_dict(pair) for pair in rrm.get("pairs") or []]
+        width, layer_width, pair_shapes = self._dry_run(requested)
         self.proj = nn.Linear(width, rrm["feature_dim"])
         self.head = nn.Linear(rrm["feature_dim"], self.config["num_classes"])
         self.layer_proj = nn.Linear(layer_width, rrm["feature_dim"]) if self.student_layer else None
-        self.pairs: list[dict] = rrm.get("pairs") or []
+        self.pairs = [pair.with_student(shape) for pair, shape in zip(requested, pair_shapes, strict=True)]
         if self.pairs:
-            self.aligners = self._build_aligners()
+            rrm["pairs"] = [pair.to_dict() for pair in self.pairs]
+            self.aligners = nn.ModuleDict({str(i): self._aligner(pair, shape, rrm["feature_dim"])
+                                           for i, (pair, shape) in enumerate(zip(self.pairs, pair_shapes,
+                                                                                  strict=True))})
 
     @classmethod
     def for_teacher(
@@ -82,7 +86,7 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         model_args: dict | None = None,
         input_size: tuple[int, int, int] | None = None,
         student_layer: str | None = None,
-        pairs: list[dict] | None = None,
+        pairs: list[align.MatchedPair] | None = None,
         label_names: list[str] | None = None,
         teacher: str | None = None,
         teacher_layer: str | None = None,
@@ -90,9 +94,8 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
     ) -> RRMStudent:
         """A student whose matched representation has the teacher's width `feature_dim`.
 
-        The backbone's own width (and `student_layer`'s) is found by one dry forward pass. `pairs` instead
-        match several layers: dicts with `teacher_layer`, `student_layer` (None: penultimate), `weight`, `mode`
-        and `teacher_shape` (see `rrm_hub.align.view_shape`); the dry run adds each pair's common `grid`.
+        The backbone's own width (and `student_layer`'s) is found by one dry forward pass. `pairs`
+        (`rrm_hub.align.teacher_pairs`) instead match several layers; the dry run gives each its common grid.
         """
         if pairs and student_layer:
             raise RRMError("give either student_layer or pairs, not both")
@@ -128,77 +131,58 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
             },
         }
         if pairs:
-            config["rrm"]["pairs"] = [dict(pair) for pair in pairs]
+            config["rrm"]["pairs"] = [pair.to_dict() for pair in pairs]
         return cls(config, pretrained_backbone=pretrained_backbone)
 
     @torch.no_grad()
-    def _dry_run(self) -> tuple[int, int]:
+    def _dry_run(self, pairs: list[align.MatchedPair]) -> tuple[int, int, list[list[int]]]:
+        """One forward pass of the backbone on zeros: its width, `student_layer`'s, and each pair's student-side
+        shape (`rrm_hub.align.view_shape`; the penultimate side is the projection, of the teacher's width)."""
         was_training = self.backbone.training
         self.backbone.eval()
-        sample = torch.zeros(2, *self.preprocess.input_size)
-        tap = FeatureTap(self.backbone, self.student_layer) if self.student_layer else None
+        layers = {pair.student_layer for pair in pairs if pair.student_layer} | {self.student_layer} - {None}
+        taps = {layer: FeatureTap(self.backbone, layer) for layer in sorted(layers)}
         try:
-            width = pool(self.backbone(sample)).shape[1]
-            layer_width = tap.pop().shape[1] if tap else 0
-        finally:
-            if tap:
-                tap.remove()
-            self.backbone.train(was_training)
-        return width, layer_width
-
-    def _layer_taps(self) -> dict[str, FeatureTap]:
-        layers = {pair["student_layer"] for pair in self.pairs if pair["student_layer"]}
-        return {layer: FeatureTap(self.backbone, layer) for layer in sorted(layers)}
-
-    def _pair_features(self, projected: torch.Tensor, taps: dict[str, FeatureTap]) -> list:
-        raw = {layer: tap.pop_raw() for layer, tap in taps.items()}
-        return [projected if pair["student_layer"] is None else raw[pair["student_layer"]] for pair in self.pairs]
-
-    @torch.no_grad()
-    def _build_aligners(self) -> nn.ModuleDict:
-        """One projection per pair, sized by a dry forward pass; fills in each pair's `grid`."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        taps = self._layer_taps()
-        try:
-            projected = self.proj(pool(self.backbone(self.preprocess(torch.zeros(2, *self.preprocess.input_size)))))
-            features = self._pair_features(projected, taps)
+            width = pool(self.backbone(self.preprocess(torch.zeros(2, *self.preprocess.input_size)))).shape[1]
+            raw = {layer: tap.pop_raw() for layer, tap in taps.items()}
         finally:
             for tap in taps.values():
                 tap.remove()
             self.backbone.train(was_training)
-        aligners = nn.ModuleDict()
-        for i, (pair, raw) in enumerate(zip(self.pairs, features, strict=True)):
-            match = align.Match(pair["teacher_layer"], pair["student_layer"], pair.get("weight", 1.0))
-            shape = align.view_shape(raw, pair["mode"], self.prefix_tokens, align.channels_last(self.backbone),
-                                     match.student_layer or align.PENULTIMATE)
-            teacher_shape = list(pair["teacher_shape"])
-            pair["grid"] = align.common_grid(match, pair["mode"], teacher_shape, shape)
-            if pair["grid"] is not None:
-                aligners[str(i)] = nn.Conv2d(shape[0], teacher_shape[0], kernel_size=1)
-                continue
-            pair["mode"] = "pooled"  # matched as vectors
-            if pair["student_layer"] is None and shape[0] == teacher_shape[0]:
-                aligners[str(i)] = nn.Identity()  # the projection the classifier reads is the match
-            else:
-                aligners[str(i)] = nn.Linear(shape[0], teacher_shape[0])
-        return aligners
+        layer_width = pool(raw[self.student_layer]).shape[1] if self.student_layer else 0
+        prefix, nhwc = align.grid_options(self.backbone)
+        feature_dim = self.config["rrm"]["feature_dim"]
+        shapes = [[feature_dim] if p.student_layer is None else
+                  align.view_shape(raw[p.student_layer], p.mode, prefix, nhwc, p.student_layer) for p in pairs]
+        return width, layer_width, shapes
+
+    @staticmethod
+    def _aligner(pair: align.MatchedPair, shape: list[int], feature_dim: int) -> nn.Module:
+        """The projection of a pair's student side to the teacher's width: a 1x1 convolution on the common grid, the
+        identity for the penultimate projection at the teacher's width, else a linear layer."""
+        teacher_width = pair.teacher_shape[0]
+        if pair.grid is not None:
+            return nn.Conv2d(shape[0], teacher_width, kernel_size=1)
+        if pair.student_layer is None and feature_dim == teacher_width:
+            return nn.Identity()  # the projection the classifier reads is the match
+        return nn.Linear(shape[0], teacher_width)
 
     @property
     def prefix_tokens(self) -> int | None:
         """Class/register tokens ahead of the patch tokens (timm ViTs say so; None: infer from the count)."""
         return getattr(self.backbone, "num_prefix_tokens", None)
 
-    def _matched(self, features: list) -> list[torch.Tensor]:
-        nhwc = align.channels_last(self.backbone)
+    def _matched(self, projected: torch.Tensor, raw: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each pair's student side, projected to the teacher's width (on the pair's grid for a spatial pair)."""
+        prefix, nhwc = align.grid_options(self.backbone)
         out = []
-        for i, (pair, raw) in enumerate(zip(self.pairs, features, strict=True)):
-            grid = pair["grid"]
-            if grid is None:
-                out.append(self.aligners[str(i)](align.to_vector(raw, nhwc)))
+        for i, pair in enumerate(self.pairs):
+            side = projected if pair.student_layer is None else raw[pair.student_layer]
+            if pair.grid is None:
+                out.append(self.aligners[str(i)](align.to_vector(side, nhwc)))
             else:  # pool to the common grid first, then the 1x1 projection (the same, as both are linear)
-                out.append(self.aligners[str(i)](align.view(raw, "spatial", tuple(grid), self.prefix_tokens, nhwc,
-                                                            pair["student_layer"] or "")))
+                out.append(self.aligners[str(i)](align.view(side, "spatial", tuple(pair.grid), prefix, nhwc,
+                                                            pair.student_layer or "")))
         return out
 
     @property
@@ -218,23 +202,24 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         return self.head
 
     def forward(self, pixels: torch.Tensor, return_features: bool = False):
-        if self.pairs and return_features:
-            taps = self._layer_taps()
-            try:
-                projected = self.proj(pool(self.backbone(self.preprocess(pixels))))
-                features = self._matched(self._pair_features(projected, taps))
-            finally:
-                for tap in taps.values():
-                    tap.remove()
-        elif self.student_layer and return_features:
-            with FeatureTap(self.backbone, self.student_layer) as tap:
-                projected = self.proj(pool(self.backbone(self.preprocess(pixels))))
-                features = self.layer_proj(tap.pop())
-        else:
+        if not return_features:
+            return self.head(self.proj(pool(self.backbone(self.preprocess(pixels)))))
+        layers = sorted({pair.student_layer for pair in self.pairs if pair.student_layer} | {self.student_layer}
+                        - {None})
+        taps = {layer: FeatureTap(self.backbone, layer) for layer in layers}
+        try:
             projected = self.proj(pool(self.backbone(self.preprocess(pixels))))
+            raw = {layer: tap.pop_raw() for layer, tap in taps.items()}
+        finally:
+            for tap in taps.values():
+                tap.remove()
+        if self.pairs:
+            features = self._matched(projected, raw)
+        elif self.student_layer:
+            features = self.layer_proj(pool(raw[self.student_layer]))
+        else:
             features = projected
-        logits = self.head(projected)
-        return (logits, features) if return_features else logits
+        return self.head(projected), features
 
     def generate_model_card(self, metrics: dict | None = None, context: dict | None = None, **kwargs):
         """The card from `model_cards/student.md` when the measured `metrics` are given."""

@@ -36,9 +36,6 @@ SCHEME = "pixel-hash-v1"
 PRIME = 2**31 - 1
 MISS = ("an input image is not in the teacher cache (random augmentation or noise changes the teacher's input); "
         "use --pad 0 without --hflip and --match-on clean (or --teacher-input clean), or drop --cache-teacher")
-CLEAN_ONLY = ("--cache-teacher holds the teacher's outputs on clean images only, but --match-on {match_on} with "
-              "--teacher-input matched shows it perturbed ones; use --match-on clean or --teacher-input clean, "
-              "or drop --cache-teacher")
 
 
 @lru_cache(maxsize=8)

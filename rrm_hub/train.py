@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -18,33 +18,31 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoints
+from .config import TrainConfig
 from .errors import RRMError
-
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from .objectives.base import Objective, as_objective
 
 
 @dataclass
-class TrainConfig:
-    """How long and how to optimize; `max_steps` (optimizer steps) caps `epochs` when set.
+class TrainState:
+    """Where the loop stands: optimizer steps taken, the epoch and the batches done in it, the epoch's sums of the
+    logged values so far (over `count` steps), the history of finished epochs and the training seconds. Every
+    checkpoint keeps it (`trainer.json`)."""
 
-    With `output_dir`, checkpoints go to `<output_dir>/checkpoints/` at each epoch end and every `save_every`
-    optimizer steps (0: epoch ends only), keeping the last `keep_checkpoints`; `resume` ("auto" or a
-    checkpoint folder) continues a run from one.
-    """
+    step: int = 0
+    epoch: int = 0
+    batches: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
 
-    epochs: int = 10
-    max_steps: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    warmup_fraction: float = 0.05
-    grad_clip: float | None = None
-    output_dir: str | None = None
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    channels_last: bool = False
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainState:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -82,7 +80,7 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _step(model, objective, batch: list, optimizer, scheduler, accelerator: Accelerator, config: TrainConfig,
+def _step(model, objective: Objective, batch: list, optimizer, scheduler, accelerator: Accelerator, config: TrainConfig,
           step: int, total_steps: int, stop: _StopRequest) -> tuple[torch.Tensor, dict, bool, bool]:
     """One forward/backward of `objective` on `batch` (x, y[, origins]) and, at the end of an accumulation window,
     one optimizer step.
@@ -90,8 +88,7 @@ def _step(model, objective, batch: list, optimizer, scheduler, accelerator: Acce
     Returns the loss, its parts, whether the loss was finite and whether any process asked to stop; the
     last two are agreed by all processes, so they stop together.
     """
-    if hasattr(objective, "schedule"):  # objectives that change over training (e.g. epsilon warm-up)
-        objective.schedule(step / total_steps)
+    objective.schedule(step / total_steps)  # objectives that change over training (e.g. epsilon warm-up)
     with accelerator.accumulate(model):
         with accelerator.autocast():
             loss, logs = objective(model, *batch)
@@ -112,23 +109,25 @@ def _step(model, objective, batch: list, optimizer, scheduler, accelerator: Acce
 
 def train(
     model: nn.Module,
-    objective: Objective,
+    objective: Objective | Callable,
     loader: DataLoader,
     accelerator: Accelerator,
     config: TrainConfig,
     on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
 ) -> dict:
-    """Train `model` in place with `objective`; returns the history and the training seconds.
+    """Train `model` in place with `objective` (an `Objective`, or a plain `loss_fn(model, x, y) -> (loss, logs)`);
+    returns the history and the training seconds.
 
     `on_epoch_end(epoch, model)` may evaluate; its time is not counted in `train_seconds`. A run that
     checkpoints (`config.output_dir`) and is resumed sees the same batches, schedule and random numbers as
     one that was never stopped.
     """
+    objective = as_objective(objective)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    replays = getattr(objective, "replays", 1)  # free-AT takes several optimizer steps on each minibatch
+    replays = objective.replays  # free-AT takes several optimizer steps on each minibatch
     steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps) * replays  # per process
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -136,40 +135,42 @@ def train(
     epochs = math.ceil(total_steps / steps_per_epoch)
     # accelerate steps a prepared scheduler once per process for each optimizer step, hence the factor
     scale = accelerator.num_processes
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps) * scale,
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * total_steps) * scale,
                                                 total_steps * scale)
     scheduler = accelerator.prepare(scheduler)
 
     root = Path(config.output_dir) / "checkpoints" if config.output_dir else None
-    state = {"step": 0, "epoch": 0, "batches": 0, "sums": {}, "count": 0, "history": [], "train_seconds": 0.0}
+    state = TrainState()
     if config.resume:
         if root is None:
             raise RRMError("--resume needs the run's --output-dir")
         path = checkpoints.resolve(config.resume, root)
         state = checkpoints.load(accelerator, path, objective)
-        accelerator.print(f"resuming from {path} (step {state['step']}, epoch {state['epoch'] + 1})")
+        accelerator.print(f"resuming from {path} (step {state.step}, epoch {state.epoch + 1})")
 
-    def save() -> Path | None:
-        """Checkpoint `state` unless this step is saved already; returns the latest checkpoint."""
+    def save(position: TrainState) -> Path | None:
+        """Checkpoint `position` unless its step is saved already; returns the latest checkpoint."""
+        nonlocal state
+        state = replace(position, sums={k: float(v) for k, v in position.sums.items()})
         if root is None:
             return None
-        if not (saved and saved[-1] == state["step"]):
+        if not (saved and saved[-1] == state.step):
             checkpoints.save(accelerator, root, state, config.keep_checkpoints, objective)
-            saved.append(state["step"])
+            saved.append(state.step)
         return checkpoints.checkpoints(root)[-1]
 
-    history, step, train_seconds = state["history"], state["step"], state["train_seconds"]
+    history, step, train_seconds = state.history, state.step, state.train_seconds
     saved: list[int] = [step] if config.resume else []
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process,
                     leave=False)
     stopping = False
     with _StopRequest(root is not None) as stop, progress:  # the bar closes before any message
-        for epoch in range(state["epoch"], epochs):
+        for epoch in range(state.epoch, epochs):
             model.train()
             loader.set_epoch(epoch)  # the shuffle of each epoch depends on the seed and the epoch only
             if hasattr(loader.dataset, "set_epoch"):  # and so may the augmentation (rrm_hub.data.PixelDataset)
                 loader.dataset.set_epoch(epoch)
-            batches, sums, count = state["batches"], dict(state["sums"]), state["count"]
+            batches, sums, count = state.batches, dict(state.sums), state.count
             batches_to_go = accelerator.skip_first_batches(loader, batches) if batches else loader
             started = time.perf_counter()
             for batch in batches_to_go:  # (x, y), or (x, y, origins) for an objective that keeps a memory
@@ -180,8 +181,7 @@ def train(
                                                          config, step, total_steps, stop)
                     if not finite:  # the weights are still those of the last step: keep them
                         elapsed = train_seconds + time.perf_counter() - started
-                        state.update(_position(step, epoch, batches, sums, count, history, elapsed))
-                        path = save()
+                        path = save(TrainState(step, epoch, batches, sums, count, history, elapsed))
                         where = f"; the last good state is in {path} (--resume continues from it)" if path else ""
                         raise RRMError(f"the loss became {loss.item()} at step {step}{where}; lower --lr or use "
                                        "--mixed-precision no")
@@ -204,10 +204,10 @@ def train(
                 if not (stopping or due):
                     continue
                 paused = time.perf_counter()
-                state.update(_position(step, epoch, batches, sums, count, history, train_seconds + paused - started))
+                position = TrainState(step, epoch, batches, sums, count, history, train_seconds + paused - started)
                 if stopping:
-                    raise KeyboardInterrupt(_stopped(save(), step))
-                save()
+                    raise KeyboardInterrupt(_stopped(save(position), step))
+                save(position)
                 started += time.perf_counter() - paused  # saving is not training time
             train_seconds += time.perf_counter() - started
             record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
@@ -216,12 +216,11 @@ def train(
                 record.update(on_epoch_end(epoch, accelerator.unwrap_model(model)))
             history.append(record)
             accelerator.print(" ".join(f"{k}={v}" for k, v in record.items()))
-            state.update(_position(step, epoch + 1, 0, {}, 0, history, train_seconds))
-            save()
+            save(TrainState(step, epoch + 1, 0, {}, 0, history, train_seconds))
             if step >= total_steps:
                 break
             if stopping:
-                raise KeyboardInterrupt(_stopped(save(), step))
+                raise KeyboardInterrupt(_stopped(save(state), step))
     return {"history": history, "train_seconds": train_seconds, "steps": step, "epochs": len(history)}
 
 
@@ -235,12 +234,6 @@ def _means(sums: dict, count: int, accelerator: Accelerator) -> dict[str, float]
     if accelerator.num_processes > 1:
         means = accelerator.reduce(means, "mean")
     return dict(zip(keys, means.tolist(), strict=True))
-
-
-def _position(step: int, epoch: int, batches: int, sums: dict, count: int, history: list, seconds: float) -> dict:
-    """Where the loop stands, for a checkpoint (`batches` of `epoch` are done)."""
-    return {"step": step, "epoch": epoch, "batches": batches, "count": count, "history": history,
-            "sums": {k: float(v) for k, v in sums.items()}, "train_seconds": seconds}
 
 
 def _stopped(path, step: int) -> str:

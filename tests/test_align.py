@@ -76,8 +76,8 @@ def _two_pair_student(teacher):
 
 def test_student_projects_each_pair_to_the_teacher(teacher):
     student = _two_pair_student(teacher)
-    assert [p["grid"] for p in student.pairs] == [[4, 4], None]
-    assert [p["mode"] for p in student.pairs] == ["spatial", "pooled"]  # two vectors stay vectors
+    assert [p.grid for p in student.pairs] == [[4, 4], None]
+    assert [p.mode for p in student.pairs] == ["spatial", "pooled"]  # two vectors stay vectors
     conv, same = student.aligners["0"], student.aligners["1"]
     assert isinstance(conv, torch.nn.Conv2d) and (conv.in_channels, conv.out_channels) == (48, 64)
     assert isinstance(same, torch.nn.Identity)  # the penultimate pair is the projection the classifier reads
@@ -166,16 +166,14 @@ def test_vit_student_matched_at_two_pairs_trains_saves_and_reloads(tmp_path):
 
 
 def test_without_match_the_single_pair_stays_as_before_unless_spatial():
-    from argparse import Namespace
+    from rrm_hub.config import LayersConfig
 
-    from rrm_hub import flags
-
-    args = Namespace(match=None, teacher_layer="layer2", student_layer="blocks.1", match_mode="pooled")
-    assert flags.match_pairs(args) is None  # the run builds exactly what it built before --match existed
-    args.match_mode = "spatial"
-    assert flags.match_pairs(args) == [Match("layer2", "blocks.1", 1.0)]
-    args.match, args.student_layer = ["layer2:blocks.1:2"], None
+    layers, student_layer = LayersConfig(teacher_layer="layer2", mode="pooled"), "blocks.1"
+    assert layers.matches(student_layer) is None  # the run builds exactly what it built before --match existed
+    layers.mode = "spatial"
+    assert layers.matches(student_layer) == [Match("layer2", "blocks.1", 1.0)]
+    layers.pairs, student_layer = ["layer2:blocks.1:2"], None
     with pytest.raises(RRMError, match="--match replaces"):
-        flags.match_pairs(args)
-    args.teacher_layer = None
-    assert flags.match_pairs(args) == [Match("layer2", "blocks.1", 2.0)]
+        layers.matches(student_layer)
+    layers.teacher_layer = None
+    assert layers.matches(student_layer) == [Match("layer2", "blocks.1", 2.0)]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rrm_hub import RRMStudent
-from rrm_hub.benchmark import make_objective, step_memory, time_to_target
+from rrm_hub.benchmark import step_memory, time_to_target
+from rrm_hub.methods import make_objective
 
 from .test_hub import _recipe
 

@@ -21,7 +21,7 @@ CONFIGS = {"single_gpu": ("NO", False, False), "multi_gpu": ("MULTI_GPU", False,
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_each_config_is_accepted_by_accelerate_launch(name):
-    path = ROOT / "recipes" / "configs" / f"{name}.yaml"
+    path = ROOT / "recipes" / "configs" / "accelerate" / f"{name}.yaml"
     kind, fsdp, deepspeed = CONFIGS[name]
     assert load_config_from_file(str(path)).distributed_type == kind
     args = launch_command_parser().parse_args(["--config_file", str(path), "recipes/rrm.py"])
@@ -35,7 +35,8 @@ def test_each_config_is_accepted_by_accelerate_launch(name):
 
 def test_the_teacher_is_never_prepared():
     """Frozen teachers stay plain modules under DDP / FSDP / DeepSpeed: only the student is prepared."""
-    source = (ROOT / "recipes" / "rrm.py").read_text() + (ROOT / "rrm_hub" / "train.py").read_text()
+    paths = ("recipes/rrm.py", "rrm_hub/pipeline.py", "rrm_hub/train.py")
+    source = "".join((ROOT / path).read_text() for path in paths)
     prepares = [line.strip() for line in source.splitlines() if "accelerator.prepare(" in line]
     assert prepares and not any("teacher" in line for line in prepares)
 
@@ -104,15 +105,11 @@ def test_channels_last_through_the_recipe(tmp_path):
 def test_compile_asks_accelerate_for_inductor():
     """--compile hands the student to torch.compile through accelerate's dynamo backend. Not run end to end here:
     compiling even a tiny CNN on CPU took 75 s (measured), too slow for the suite."""
-    import argparse
-
     from accelerate.state import AcceleratorState
 
-    from rrm_hub import flags
+    from rrm_hub import TrainConfig, components
 
-    parser = argparse.ArgumentParser()
-    flags.add_train_args(parser, epochs=1, lr=1e-3)
-    for argv, backend in ((["--compile"], "INDUCTOR"), ([], "NO")):
+    for compile_, backend in ((True, "INDUCTOR"), (False, "NO")):
         AcceleratorState._reset_state()  # one Accelerator per process in a real run; this test makes two
-        assert flags.make_accelerator(parser.parse_args(argv)).state.dynamo_plugin.backend.name == backend
+        assert components.make_accelerator(TrainConfig(compile=compile_)).state.dynamo_plugin.backend.name == backend
     AcceleratorState._reset_state()

@@ -1,0 +1,287 @@
+"""The methods top to bottom: `distill` (RRM: data -> teacher -> taps -> student -> train -> evaluate -> save) and
+`adversarial_train`; `preflight` and `list_layers` look at a teacher/student pair before a long run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from . import cli, components
+from .align import Match, MatchedPair, teacher_pairs
+from .cards import hardware, plot_sweeps, render_card, save_json
+from .config import AdversarialTrainConfig, DistillConfig, parse_kwargs
+from .data import ImageData
+from .errors import RRMError
+from .evaluate import robustness_report, transfer_check
+from .features import default_layer, feature_width
+from .features import list_layers as layer_shapes
+from .hub import push_folder
+from .objectives import RRM
+from .student import RRMStudent
+from .train import train
+
+
+@dataclass
+class RunResult:
+    """What a run measured (`metrics`, also in `output_dir/metrics.json`) and the model it trained."""
+
+    metrics: dict
+    output_dir: Path
+    model: nn.Module | None = None
+    is_main_process: bool = True
+
+
+@dataclass
+class Setup:
+    """A distillation run up to its objective: where it runs, the data, the teacher and the student built for it."""
+
+    config: DistillConfig
+    accelerator: Accelerator
+    output_dir: Path
+    images: ImageData
+    teacher: nn.Module
+    labels_match: bool
+    teacher_layer: str
+    feature_dim: int
+    pairs: list[MatchedPair]
+    student: RRMStudent
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.zeros(2, self.images.channels, *self.images.image_size)
+
+
+def with_output_dir(config, default: str):
+    """`config` with its output folder resolved (`--output-dir`, or `default`)."""
+    training = dataclasses.replace(config.training, output_dir=config.training.output_dir or default)
+    return dataclasses.replace(config, training=training)
+
+
+def setup(config: DistillConfig) -> Setup:
+    """Data, teacher (its layers probed) and a student of the teacher's width, as `config` says."""
+    config = with_output_dir(config, "rrm-student")
+    accelerator = components.make_accelerator(config.training)
+    output_dir = components.output_folder(config.training.output_dir)
+
+    # data: [0, 1] pixels, normalization lives inside each model
+    images = components.load_data(config.data, config.training.seed, config.eval.holdout)
+    sample = torch.zeros(2, images.channels, *images.image_size, device=accelerator.device)
+
+    # teacher: any robust model, frozen; its representation is tapped with forward hooks
+    teacher = config.teacher.load(accelerator.device)
+    labels_match = teacher.num_classes == images.num_classes
+    if not labels_match and not config.layers.ignore_teacher_labels:
+        raise RRMError(f"the teacher predicts {teacher.num_classes} classes but the dataset has "
+                       f"{images.num_classes}; pass --ignore-teacher-labels to use its representation only")
+    matches = config.layers.matches(config.student.layer)  # None: one pair, --teacher-layer / --student-layer
+    pairs = []
+    if matches:
+        matches = [m if m.teacher_layer else Match(default_layer(teacher.network), m.student_layer, m.weight)
+                   for m in matches]
+        pairs = teacher_pairs(teacher, teacher.network, matches, config.layers.mode, sample)
+    # the projection the classifier reads has the width of the teacher layer matched to the penultimate one
+    penultimate = [m.teacher_layer for m in matches or [] if m.student_layer is None]
+    teacher_layer = ((penultimate[0] if penultimate else None) or config.layers.teacher_layer
+                     or default_layer(teacher.network))
+    feature_dim = feature_width(teacher, teacher.network, teacher_layer, sample)
+    accelerator.print(f"teacher {teacher.source}: layer '{teacher_layer}', width {feature_dim}")
+
+    # student: timm backbone + projection to the teacher's width + classifier on the projection
+    name, student_args = config.student.spec()
+    student = RRMStudent.for_teacher(
+        name, feature_dim=feature_dim, num_classes=images.num_classes, model_args=student_args,
+        input_size=(images.channels, *images.image_size), student_layer=None if pairs else config.student.layer,
+        pairs=pairs, label_names=images.class_names, teacher=teacher.source, teacher_layer=teacher_layer)
+    for pair in student.pairs:
+        grid = f"on a {pair.grid[0]}x{pair.grid[1]} grid" if pair.grid else "as vectors"
+        accelerator.print(f"match {pair.name} (weight {pair.weight:g}, teacher {tuple(pair.teacher_shape)}, {grid})")
+    return Setup(config, accelerator, output_dir, images, teacher, labels_match, teacher_layer, feature_dim,
+                 student.pairs, student)
+
+
+def rrm_objective(run: Setup) -> RRM:
+    """The RRM objective of the run: the teacher's targets (live or cached), the matching inputs, the loss."""
+    config, options = run.config, run.config.rrm.objective_options()
+    options["eps"] = config.eval.eps if options["eps"] is None else options["eps"]
+    memory = components.perturbation_memory(config.rrm, run.images)  # --match-start previous
+    cache = (components.teacher_cache(run.teacher, run.teacher_layer, run.images, config.training.batch_size,
+                                      config.teacher.revision, config.data.num_workers, run.accelerator)
+             if config.rrm.cache_teacher else None)
+    layers = {"pairs": run.pairs} if run.pairs else {"teacher_layer": run.teacher_layer}
+    return RRM(run.teacher, norm=config.eval.norm, cache=cache, memory=memory, **layers, **options)
+
+
+def distill(config: DistillConfig) -> RunResult:
+    """Robust Representation Matching: train a student to match a robust teacher, evaluate both alike, save a
+    Hub-ready folder (weights for RRMStudent and plain timm, card, metrics, plot, run_config.yaml)."""
+    run = setup(config)
+    config, accelerator, images = run.config, run.accelerator, run.images
+    objective = rrm_objective(run)
+
+    # train on clean data with the RRM loss, checking clean and PGD-10 accuracy each epoch
+    loader = components.train_loader(images, config.data, config.training, objective=objective)
+    check = components.epoch_check(images, config.eval, config.training, accelerator)
+    history = train(run.student, objective, loader, accelerator, config.training, check)
+    student, selected = components.finish_training(run.student, history, check, config.eval, accelerator)
+    objective.remove()
+
+    # evaluate student and teacher the same way
+    test_loader = components.test_loader(images, config.training.batch_size, config.eval.eval_examples)
+    sweep_loader = components.test_loader(images, config.training.batch_size, config.eval.sweep_examples)
+    options = components.report_options(config.eval, accelerator)
+    result = robustness_report(student, test_loader, sweep_loader, **options)
+    teacher_result = robustness_report(run.teacher, test_loader, sweep_loader, **options) if run.labels_match else None
+
+    metrics = {
+        **result, "method": "rrm", "match_on": config.rrm.match_on, "teacher": run.teacher.source,
+        "teacher_layer": ", ".join(p.teacher_layer for p in run.pairs) if run.pairs else run.teacher_layer,
+        "student": config.student.spec()[0], "student_args": config.student.spec()[1],
+        "student_layer": (", ".join(p.student_layer or "projected penultimate" for p in run.pairs) if run.pairs
+                          else config.student.layer or "projected penultimate"),
+        "feature_dim": run.feature_dim, "pairs": [p.to_dict() for p in run.pairs] or None,
+        "rrm_options": {**objective.options.objective_options(), "ce_weight": objective.ce_weight,
+                        "teacher_input": objective.teacher_input, "step_size": objective.step_size,
+                        "norm": objective.norm, "match_start": "previous" if objective.memory else "random"},
+        "teacher_cache": (None if objective.targets.cache is None else
+                          {"path": str(objective.targets.cache.path), "reused": objective.targets.cache.reused}),
+        **run_facts(history, selected, images, config, accelerator),
+        "teacher_clean_accuracy": teacher_result["clean_accuracy"] if teacher_result else None,
+        "teacher_robust_accuracy": teacher_result["robust_accuracy"] if teacher_result else None,
+        "teacher_sweep": teacher_result["sweep"] if teacher_result else None,
+        "history": history["history"],
+    }
+    if accelerator.is_main_process:
+        curves = {f"student ({metrics['student']})": result["sweep"]}
+        if teacher_result:
+            curves["teacher"] = teacher_result["sweep"]
+        context = {"teacher": run.teacher.source, "student": metrics["student"], "match_on": config.rrm.match_on}
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / "README.md").unlink(missing_ok=True)  # the card is written anew
+        student.save_pretrained(run.output_dir, model_card_kwargs={
+            "metrics": metrics, "context": {**card_context(config, images, "rrm.py"), **context}})
+        save_outputs(run.output_dir, config, metrics, curves)
+    share(config, run.output_dir, accelerator)
+    return RunResult(metrics, run.output_dir, student, accelerator.is_main_process)
+
+
+def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
+    """Adversarial training of a timm model (PGD-AT, fast-AT, N-FGSM or ATTA); saves a timm-format Hub folder."""
+    from .memory import PerturbationMemory
+    from .methods import make_objective
+    from .models import create_pixel_model, save_timm_folder
+
+    config = with_output_dir(config, f"robust-{config.model.name}")
+    accelerator = components.make_accelerator(config.training)
+    output_dir = components.output_folder(config.training.output_dir)
+
+    # data and model: the model takes [0, 1] pixels, normalization inside
+    images = components.load_data(config.data, config.training.seed, config.eval.holdout)
+    model_args = parse_kwargs(config.model.kwargs)
+    model = create_pixel_model(config.model.name, images.num_classes, (images.channels, *images.image_size),
+                               model_args, images.class_names)
+
+    # the objective: cross-entropy on adversarial examples from the one attack implementation
+    memory = PerturbationMemory.for_training_images(images) if config.method == "atta_at" else None
+    objective = make_objective(config.method, eps=config.eval.eps, norm=config.eval.norm,
+                               attack_steps=config.attack_steps, eps_warmup=config.eps_warmup, memory=memory)
+
+    # train, then evaluate
+    check = components.epoch_check(images, config.eval, config.training, accelerator)
+    loader = components.train_loader(images, config.data, config.training, objective=objective)
+    history = train(model, objective, loader, accelerator, config.training, check)
+    model, selected = components.finish_training(model, history, check, config.eval, accelerator)
+    report = robustness_report(
+        model, components.test_loader(images, config.training.batch_size, config.eval.eval_examples),
+        components.test_loader(images, config.training.batch_size, config.eval.sweep_examples),
+        **components.report_options(config.eval, accelerator))
+
+    metrics = {**report, "method": config.method, "model": config.model.name, "model_args": model_args,
+               **run_facts(history, selected, images, config, accelerator), "history": history["history"]}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_timm_folder(model.model, str(output_dir), model_args, images.class_names)
+        render_card("teacher", metrics, card_context(config, images, "adversarial_train.py")).save(
+            output_dir / "README.md")
+        save_outputs(output_dir, config, metrics, {config.model.name: report["sweep"]})
+    robust = ", ".join(f"{k} {v:.1%}" for k, v in report["robust_accuracy"].items())
+    accelerator.print(f"{config.model.name} ({config.method}): clean {report['clean_accuracy']:.1%}, {robust} at "
+                      f"{config.eval.norm} eps {config.eval.eps:g}; trained {history['train_seconds']:.0f}s -> "
+                      f"{output_dir}")
+    share(config, output_dir, accelerator)
+    return RunResult(metrics, output_dir, model, accelerator.is_main_process)
+
+
+def preflight(config: DistillConfig) -> RunResult:
+    """A short run that tells in minutes whether this teacher/student pair transfers robustness."""
+    run = setup(config)
+    config, accelerator = run.config, run.accelerator
+    objective = rrm_objective(run)
+    training = dataclasses.replace(config.training, max_steps=config.preflight_steps, output_dir=None)  # no saves
+    loader = components.train_loader(run.images, config.data, training, objective=objective)
+    history = train(run.student, objective, loader, accelerator, training)
+    limit = min(config.eval.eval_examples or 200, 200)
+    result = transfer_check(accelerator.unwrap_model(run.student), run.teacher,
+                            components.test_loader(run.images, training.batch_size, limit), config.eval.eps,
+                            config.eval.norm, accelerator)
+    result["train_seconds"] = round(history["train_seconds"], 1)
+    for row in result["rows"]:
+        accelerator.print(f"eps {row['eps']:g}: student {row['student']:.1%}, teacher {row['teacher']:.1%} "
+                          f"(student/teacher {row['ratio']:.2f})")
+    verdict = "moving into the student" if result["moving"] else "NOT moving into the student"
+    accelerator.print(f"preflight after {history['steps']} steps ({result['train_seconds']}s): robustness is "
+                      f"{verdict}")
+    if accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        save_json(result, run.output_dir / "preflight.json")
+    return RunResult(result, run.output_dir, run.student)
+
+
+def list_layers(config: DistillConfig) -> RunResult:
+    """Print the layers of teacher and student (as --teacher-layer / --student-layer / --match take them) with their
+    output shapes."""
+    run = setup(config)
+    for title, model, network in ((f"teacher {run.teacher.source}", run.teacher, run.teacher.network),
+                                  (f"student {run.student.config['architecture']}", run.student, run.student.backbone)):
+        run.accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer / --match) and output shapes")
+        sample = run.sample.to(next(model.parameters()).device)
+        for name, kind, shape in layer_shapes(model.eval(), sample, network):
+            run.accelerator.print(f"  {name:<40} {kind:<24} {tuple(shape)}")
+    return RunResult({}, run.output_dir, run.student)
+
+
+# ---- what every run records
+def run_facts(history: dict, selected, images: ImageData, config, accelerator: Accelerator) -> dict:
+    """Training time, steps, the epoch kept, hardware and throughput: the same keys for every recipe."""
+    training = config.training
+    images_seen = history["steps"] * training.batch_size * training.grad_accum * accelerator.num_processes
+    return {"dataset": images.name, "train_seconds": round(history["train_seconds"], 1), "epochs": history["epochs"],
+            "steps": history["steps"], "selected_epoch": selected, "hardware": hardware(),
+            "num_processes": accelerator.num_processes,
+            "images_per_second": round(images_seen / max(history["train_seconds"], 1e-9), 1)}
+
+
+def card_context(config, images: ImageData, script: str) -> dict:
+    """What every card shows about the run: names, settings and the command that reproduces it."""
+    output_dir = Path(config.training.output_dir)
+    return {"model_name": output_dir.name, "repo_id": config.hub.model_id or f"<user>/{output_dir.name}",
+            "dataset": images.name, "config": config, "command": cli.command(script, config)}
+
+
+def save_outputs(folder: Path, config, metrics: dict, curves: dict) -> None:
+    """metrics.json, robustness.png (accuracy versus epsilon) and run_config.yaml, beside the model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json(metrics, folder / "metrics.json")
+    plot_sweeps(curves, folder / "robustness.png", config.eval.norm)
+    cli.save(config, folder)
+
+
+def share(config, folder: Path, accelerator: Accelerator) -> None:
+    """Upload the output folder as it is, when --push-to-hub asks."""
+    if config.hub.push and accelerator.is_main_process:
+        url = push_folder(folder, config.hub.model_id, private=config.hub.private, revision=config.hub.revision)
+        accelerator.print(f"pushed: {url}")
