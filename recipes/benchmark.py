@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot_curves({m: r["curve"] for m, r in results.items()}, output_dir / "benchmark.png", x="seconds",
                     y="robust", xlabel="training seconds", target=target,
                     ylabel=f"PGD-10 accuracy (%), {config.eval.norm} eps {config.eval.eps:g}")
-        cli.save(config, output_dir)
+        cli.save(config, output_dir, "benchmark.py")
     accelerator.print(markdown_table(results, config, target))
     for key, value in summary["ratios"].items():
         accelerator.print(f"{key}: {value}")

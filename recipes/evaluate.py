@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_json(metrics, output_dir / "metrics.json")
         plot_sweeps({metrics["model"]: result["sweep"]}, output_dir / PLOT_FILE, config.norm,
                     ylabel=f"accuracy, worst case of suite '{config.suite}' (%)")
-        cli.save(config, output_dir)
+        cli.save(config, output_dir, "evaluate.py")
         print_summary(metrics, output_dir)
     return metrics
 

@@ -134,10 +134,12 @@ def apply(config: C, values: dict[str, Any]) -> C:
     return settings.from_dict(type(config), nested, config, where="the command line")
 
 
-def save(config: Any, folder: str | Path) -> Path:
-    """Write `config` as `folder/run_config.yaml`, which `--config` reads back."""
+def save(config: Any, folder: str | Path, script: str | None = None) -> Path:
+    """Write `config` as `folder/run_config.yaml`, which `--config` reads back (`script`: the recipe, named in a
+    comment with the command that reruns it)."""
     path = Path(folder) / CONFIG_FILE
-    path.write_text(yaml.safe_dump(settings.to_dict(config), sort_keys=False, default_flow_style=None))
+    header = f"# python recipes/{Path(script).name} --config {path}\n" if script else ""
+    path.write_text(header + yaml.safe_dump(settings.to_dict(config), sort_keys=False))
     return path
 
 

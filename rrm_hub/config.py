@@ -7,7 +7,6 @@ section (`training: {epochs: 40}`); every run writes its own as `run_config.yaml
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -15,7 +14,7 @@ from typing import ClassVar, Literal
 from . import settings
 from .errors import RRMError
 from .memory import CARRIED_STEP
-from .settings import section, setting
+from .settings import parse_kwargs, section, setting
 
 DEFAULT_STUDENT = "vit_tiny_patch16_224"
 DEFAULT_STUDENT_KWARGS = ["img_size=28", "patch_size=7", "depth=4", "embed_dim=96", "num_heads=3"]
@@ -28,20 +27,6 @@ CLEAN_ONLY = ("--cache-teacher holds the teacher's outputs on clean images only,
               "or drop --cache-teacher")
 UNAUGMENTED_CACHE = ("--cache-teacher needs the training images unaugmented: add --pad 0 (and no --hflip), or drop "
                      "--cache-teacher")
-
-
-def parse_kwargs(pairs: list[str] | None) -> dict:
-    """`["img_size=28", "patch_size=7"]` -> `{"img_size": 28, "patch_size": 7}` (values as Python literals)."""
-    kwargs = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise RRMError(f"'{pair}' is not key=value; write pairs such as img_size=28 patch_size=7")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
 
 
 # ---- sections

@@ -63,8 +63,8 @@ def with_output_dir(config, default: str):
 
 
 def setup(config: DistillConfig) -> Setup:
-    """Data, teacher (its layers probed) and a student of the teacher's width, as `config` says."""
-    config = with_output_dir(config, "rrm-student")
+    """Data, teacher (its layers probed) and a student of the teacher's width, as `config` (checked here) says."""
+    config = with_output_dir(config.validate(), "rrm-student")
     accelerator = components.make_accelerator(config.training)
     output_dir = components.output_folder(config.training.output_dir)
 
@@ -164,7 +164,7 @@ def distill(config: DistillConfig) -> RunResult:
         (run.output_dir / "README.md").unlink(missing_ok=True)  # the card is written anew
         student.save_pretrained(run.output_dir, model_card_kwargs={
             "metrics": metrics, "context": {**card_context(config, images, "rrm.py"), **context}})
-        save_outputs(run.output_dir, config, metrics, curves)
+        save_outputs(run.output_dir, config, metrics, curves, "rrm.py")
     share(config, run.output_dir, accelerator)
     return RunResult(metrics, run.output_dir, student, accelerator.is_main_process)
 
@@ -175,7 +175,7 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
     from .methods import make_objective
     from .models import create_pixel_model, save_timm_folder
 
-    config = with_output_dir(config, f"robust-{config.model.name}")
+    config = with_output_dir(config.validate(), f"robust-{config.model.name}")
     accelerator = components.make_accelerator(config.training)
     output_dir = components.output_folder(config.training.output_dir)
 
@@ -207,7 +207,7 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
         save_timm_folder(model.model, str(output_dir), model_args, images.class_names)
         render_card("teacher", metrics, card_context(config, images, "adversarial_train.py")).save(
             output_dir / "README.md")
-        save_outputs(output_dir, config, metrics, {config.model.name: report["sweep"]})
+        save_outputs(output_dir, config, metrics, {config.model.name: report["sweep"]}, "adversarial_train.py")
     robust = ", ".join(f"{k} {v:.1%}" for k, v in report["robust_accuracy"].items())
     accelerator.print(f"{config.model.name} ({config.method}): clean {report['clean_accuracy']:.1%}, {robust} at "
                       f"{config.eval.norm} eps {config.eval.eps:g}; trained {history['train_seconds']:.0f}s -> "
@@ -272,12 +272,12 @@ def card_context(config, images: ImageData, script: str) -> dict:
             "dataset": images.name, "config": config, "command": cli.command(script, config)}
 
 
-def save_outputs(folder: Path, config, metrics: dict, curves: dict) -> None:
+def save_outputs(folder: Path, config, metrics: dict, curves: dict, script: str) -> None:
     """metrics.json, robustness.png (accuracy versus epsilon) and run_config.yaml, beside the model."""
     folder.mkdir(parents=True, exist_ok=True)
     save_json(metrics, folder / "metrics.json")
     plot_sweeps(curves, folder / "robustness.png", config.eval.norm)
-    cli.save(config, folder)
+    cli.save(config, folder, script)
 
 
 def share(config, folder: Path, accelerator: Accelerator) -> None:

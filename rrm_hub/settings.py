@@ -7,6 +7,7 @@ sections or settings. `check` enforces every field's type, choices (a `Literal` 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import types
 import typing
@@ -148,3 +149,17 @@ def from_dict(cls: type, data: dict[str, Any], base: Any = None, where: str = ""
         else:
             changes[key] = value
     return dataclasses.replace(config, **changes)
+
+
+def parse_kwargs(pairs: list[str] | None) -> dict:
+    """`["img_size=28", "patch_size=7"]` -> `{"img_size": 28, "patch_size": 7}` (values as Python literals)."""
+    kwargs = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RRMError(f"'{pair}' is not key=value; write pairs such as img_size=28 patch_size=7")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs

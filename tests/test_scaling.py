@@ -1,4 +1,4 @@
-"""Scaling out: the accelerate configs in recipes/configs/, and two CPU processes training as one."""
+"""Scaling out: the accelerate configs in recipes/configs/accelerate/, and two CPU processes training as one."""
 
 import json
 import os
