@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rrm_hub import cli
 from rrm_hub.cards import save_json
-from rrm_hub.config import DEFAULT_STUDENT, DEFAULT_STUDENT_KWARGS, AdversarialTrainConfig, DistillConfig, RunConfig
+from rrm_hub.config import AdversarialTrainConfig, DistillConfig, RunConfig, StudentConfig
 from rrm_hub.errors import RRMError, one_line_errors
 from rrm_hub.settings import setting
 
@@ -52,10 +52,8 @@ def _names(folder: str) -> list[str]:
 def as_model(student: dict) -> dict:
     """A student file's settings for adversarial training: its student section becomes the model section."""
     settings = {key: value for key, value in student.items() if key != "student"}
-    section = student.get("student", {})
-    name = section.get("name")
-    kwargs = section.get("kwargs", DEFAULT_STUDENT_KWARGS if name is None else [])
-    return {**settings, "model": {"name": name or DEFAULT_STUDENT, "kwargs": kwargs}}
+    name, kwargs = StudentConfig(**student.get("student", {})).resolved()
+    return {**settings, "model": {"name": name, "kwargs": kwargs}}
 
 
 def variants() -> dict[str, tuple[str, list[str]]]:

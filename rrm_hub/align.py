@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ from .errors import RRMError
 from .features import FeatureTap, pool
 
 PENULTIMATE = "penultimate"
-MODES = ("pooled", "spatial")
+MatchMode = Literal["pooled", "spatial"]
+MODES: tuple[str, ...] = get_args(MatchMode)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,8 @@ from torch import nn
 
 from .errors import RRMError
 
-NORMS = ("linf", "l2")
+Norm = Literal["linf", "l2"]
+NORMS: tuple[str, ...] = get_args(Norm)
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
@@ -28,7 +30,8 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * (eps / _flat_norm(delta)).clamp(max=1.0)
 
 
-NOISES = ("uniform", "sign", "gaussian")
+Noise = Literal["uniform", "sign", "gaussian"]
+NOISES: tuple[str, ...] = get_args(Noise)
 
 
 def random_perturbation(x: torch.Tensor, eps: float, norm: str, noise: str = "uniform") -> torch.Tensor:

@@ -7,7 +7,6 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 from torch import nn
@@ -19,15 +18,12 @@ from .config import RECIPE_RRM, DataConfig, EvalConfig, RRMConfig, RunConfig, St
 from .data import ImageData
 from .evaluate import evaluate
 from .features import default_layer, feature_width
-from .memory import PerturbationMemory
-from .methods import METHODS, make_objective
+from .methods import METHODS, Method, make_objective
 from .settings import section, setting
 from .student import RRMStudent
 from .teacher_cache import TeacherCache
 from .train import train
 
-Method = Literal["natural", "pgd_at", "fast_at", "nfgsm_at", "atta_at", "free_at", "kd", "rrm", "rrm_clean",
-                 "rrm_cached"]
 QUICK = {"epochs": 8, "epoch_eval_examples": 200, "eval_examples": 500}
 CNN_STUDENT = ("resnet18", ["layers=(1,1,1,1)", "channels=(24,48,96,128)", "stem_width=24", "output_stride=8"])
 """The default student: a small CNN (narrower than the bundled teacher), where PGD-AT learns within a short
@@ -113,9 +109,7 @@ def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_la
     name, student_args = config.student.spec()
     student = RRMStudent.for_teacher(name, feature_dim=feature_dim, num_classes=images.num_classes,
                                      model_args=student_args, input_size=(images.channels, *images.image_size))
-    memory = None
-    if method == "atta_at" or (method == "rrm" and config.rrm.carried):
-        memory = PerturbationMemory.for_training_images(images)
+    memory = components.perturbation_memory(method, images, config.rrm)
     objective = make_objective("natural" if method == REFERENCE else method, eps=config.eval.eps,
                                norm=config.eval.norm, teacher=teacher, teacher_layer=teacher_layer,
                                attack_steps=config.attack_steps, replays=config.replays,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -86,7 +85,7 @@ def build_parser(config: Any, description: str | None = None) -> argparse.Argume
     return parser
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """A YAML file of settings by section; `base: OTHER.yaml` (relative to the file) starts it from another file's.
     A missing or malformed file is a one-line error."""
     try:
@@ -101,7 +100,12 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise RRMError(f"config file '{path}' must hold settings by section (a mapping), not {type(data).__name__}")
     base = data.pop("base", None)
-    return merge(load_yaml(Path(path).parent / base), data) if base else data
+    if base is None:
+        return data
+    here = Path(path).resolve()
+    if here in seen:
+        raise RRMError(f"config file '{path}' is its own base (through 'base:'); break the cycle")
+    return merge(load_yaml(Path(path).parent / base, (*seen, here)), data)
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -139,7 +143,10 @@ def save(config: Any, folder: str | Path, script: str | None = None) -> Path:
     comment with the command that reruns it)."""
     path = Path(folder) / CONFIG_FILE
     header = f"# python recipes/{Path(script).name} --config {path}\n" if script else ""
-    path.write_text(header + yaml.safe_dump(settings.to_dict(config), sort_keys=False))
+    data = settings.to_dict(config)
+    if isinstance(data.get("training"), dict):
+        data["training"]["resume"] = None  # resuming is what one command did to its folder, not a setting to rerun
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -175,7 +182,7 @@ def flags_of(cls: type, data: dict) -> list[str]:
 
 
 def _flag_value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return repr(value) if isinstance(value, float) else str(value)  # every digit: the command reproduces the run
 
 
 def command(script: str, config: Any) -> str:
@@ -183,7 +190,3 @@ def command(script: str, config: Any) -> str:
     return shlex.join(["python", f"recipes/{Path(script).name}", *to_flags(config)])
 
 
-def command_line(script: str, argv: list[str] | None = None) -> str:
-    """The command as it was typed: `python recipes/<script> <flags>`."""
-    flags = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", f"recipes/{Path(script).name}", *flags])

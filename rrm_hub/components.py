@@ -117,11 +117,13 @@ def report_options(evaluation: EvalConfig, accelerator: Accelerator) -> dict:
             "sweep_steps": evaluation.sweep_steps}
 
 
-def perturbation_memory(rrm: RRMConfig, images: ImageData):
-    """The `PerturbationMemory` of `--match-start previous` for the training images, or None."""
+def perturbation_memory(method: str, images: ImageData, rrm: RRMConfig | None = None):
+    """The `PerturbationMemory` that `method` carries over epochs for the training images (ATTA-AT's, and RRM's with
+    `--match-start previous`), or None."""
     from .memory import PerturbationMemory
 
-    return PerturbationMemory.for_training_images(images) if rrm.carried else None
+    carried = method == "atta_at" or (method == "rrm" and rrm is not None and rrm.carried)
+    return PerturbationMemory.for_training_images(images) if carried else None
 
 
 def teacher_cache(teacher: nn.Module, layer: str, images: ImageData, batch_size: int, revision: str | None,

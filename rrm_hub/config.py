@@ -1,5 +1,7 @@
 """Run configuration: typed sections (data, teacher, student, matching, training, evaluation, hub), each setting
-with its help, flag and bounds, and the rules across settings, all checked once by `RunConfig.validate`.
+with its help, flag and bounds; every rule across settings is written once, in `RunConfig.validate` (called by
+`rrm_hub.cli.parse`, and by `rrm_hub.distill` for a config built in Python) and `RRMOptions.check` (which
+`rrm_hub.RRM` calls too).
 
 The recipes' flags are generated from these dataclasses (`rrm_hub.cli`); YAML files hold the same settings by
 section (`training: {epochs: 40}`); every run writes its own as `run_config.yaml`.
@@ -12,9 +14,12 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from . import settings
+from .align import MatchMode
+from .attacks import Noise, Norm
 from .errors import RRMError
 from .memory import CARRIED_STEP
 from .settings import parse_kwargs, section, setting
+from .suites import Suite
 
 DEFAULT_STUDENT = "vit_tiny_patch16_224"
 DEFAULT_STUDENT_KWARGS = ["img_size=28", "patch_size=7", "depth=4", "embed_dim=96", "num_heads=3"]
@@ -73,6 +78,9 @@ class ModelSource:
         return model if device is None else model.to(device)
 
 
+MODEL_FLAGS = {"name": "--model", "kwargs": "--model-kwargs"}
+
+
 @dataclass
 class TeacherConfig(ModelSource):
     TITLE: ClassVar[str] = "teacher"
@@ -84,7 +92,7 @@ class TeacherConfig(ModelSource):
 @dataclass
 class EvaluatedModel(ModelSource):
     TITLE: ClassVar[str] = "model"
-    FLAGS: ClassVar[dict[str, str]] = {"name": "--model", "kwargs": "--model-kwargs"}
+    FLAGS: ClassVar[dict[str, str]] = MODEL_FLAGS
 
 
 @dataclass
@@ -97,18 +105,23 @@ class StudentConfig:
     layer: str | None = setting(None, "module of the student to match (default: its projected penultimate "
                                 "representation)")
 
-    def spec(self) -> tuple[str, dict]:
-        """The architecture and its timm kwargs; the default kwargs go with the default student only."""
+    def resolved(self) -> tuple[str, list[str]]:
+        """The architecture and its key=value kwargs; the default kwargs go with the default student only."""
         kwargs = self.kwargs
         if kwargs is None:
             kwargs = DEFAULT_STUDENT_KWARGS if self.name is None else []
-        return self.name or DEFAULT_STUDENT, parse_kwargs(kwargs)
+        return self.name or DEFAULT_STUDENT, list(kwargs)
+
+    def spec(self) -> tuple[str, dict]:
+        """The architecture and its timm kwargs (parsed)."""
+        name, kwargs = self.resolved()
+        return name, parse_kwargs(kwargs)
 
 
 @dataclass
 class ModelConfig:
     TITLE: ClassVar[str] = "model"
-    FLAGS: ClassVar[dict[str, str]] = {"name": "--model", "kwargs": "--model-kwargs"}
+    FLAGS: ClassVar[dict[str, str]] = MODEL_FLAGS
     name: str = setting("resnet18", "timm architecture")
     kwargs: list[str] = setting(help="key=value for timm.create_model", nargs="*", factory=list)
 
@@ -123,7 +136,7 @@ class LayersConfig:
                                       "--student-layer); student layer 'penultimate' (or empty) is the projected "
                                       "penultimate representation; weight default 1", action="append",
                                       metavar="TEACHER_LAYER:STUDENT_LAYER[:WEIGHT]")
-    mode: Literal["pooled", "spatial"] = setting("pooled", "pooled: one vector per image; spatial: maps and tokens "
+    mode: MatchMode = setting("pooled", "pooled: one vector per image; spatial: maps and tokens "
                                                  "on a common grid, cosine per location (pairs of two vectors stay "
                                                  "vectors)")
     ignore_teacher_labels: bool = setting(False, "use a teacher trained on other classes for its representation "
@@ -159,7 +172,7 @@ class RRMOptions:
         "inputs plus random noise (--noise) in the eps-ball")
     eps: float | None = setting(0.3, "size of the noise / step for --match-on noise|adversarial (null: --eps)",
                                 flag="--match-eps", ge=0)
-    noise: Literal["uniform", "sign", "gaussian"] = setting(
+    noise: Noise = setting(
         "uniform", "noise of --match-on noise: uniform in the eps-ball, sign (its corners), gaussian (standard "
         "deviation --match-eps)", label="noise")
     teacher_input: Literal["auto", "matched", "clean"] = setting(
@@ -288,8 +301,8 @@ class TrainConfig:
 class EvalConfig:
     TITLE: ClassVar[str] = "threat model and evaluation"
     eps: float = setting(0.3, "attack budget in [0, 1] pixel space", ge=0)
-    norm: Literal["linf", "l2"] = setting("linf", "threat model")
-    suite: Literal["pgd", "standard"] = setting("pgd", "final evaluation: pgd (PGD-20, fast) or standard "
+    norm: Norm = setting("linf", "threat model")
+    suite: Suite = setting("pgd", "final evaluation: pgd (PGD-20, fast) or standard "
                                                 "(AutoAttack's APGD-CE, APGD-T and Square; worst case per example)")
     eval_steps: int | None = setting(None, "steps of the suite's gradient attacks (default: 20 for pgd, 100 for "
                                      "standard)", ge=1)

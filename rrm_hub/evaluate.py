@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -14,12 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .attacks import Attack, pgd
+from .attacks import Attack, Norm, pgd
 from .checks import MaskingChecks, run_checks, warn_failed_checks
 from .config import DataConfig, EvaluatedModel, RunConfig
 from .errors import RRMError
 from .settings import section, setting
-from .suites import WORST_CASE, AttackFn, accuracy, attack_suite, worst_case
+from .suites import WORST_CASE, AttackFn, Suite, accuracy, attack_suite, worst_case
 
 DEFAULT_CHECKS = MaskingChecks()
 
@@ -214,12 +213,12 @@ class EvaluateConfig(RunConfig):
     """`recipes/evaluate.py`: the robustness of any model `load_teacher` loads, on any dataset."""
 
     model: EvaluatedModel = section(lambda: EvaluatedModel(name=None))
-    norm: Literal["linf", "l2"] = setting("linf", "threat model")
+    norm: Norm = setting("linf", "threat model")
     eps: float | None = setting(None, "attack budget in [0, 1] pixels (default: 0.3 for linf, 2.0 for l2; the "
                                 "largest --eps-sweep value if that is given)", gt=0, error=EPS_RULE)
     eps_sweep: list[float] | None = setting(None, "also run the suite at these epsilons, for the accuracy-versus-"
                                             "epsilon curve", nargs="+", ge=0, error=EPS_RULE)
-    suite: Literal["pgd", "standard"] = setting("pgd", "pgd: PGD-20 (fast); standard: AutoAttack's APGD-CE, "
+    suite: Suite = setting("pgd", "pgd: PGD-20 (fast); standard: AutoAttack's APGD-CE, "
                                                 "APGD-T and Square")
     steps: int | None = setting(None, "iterations of each gradient attack (default: 20 for pgd, 100 for APGD)",
                                 ge=1, error=COUNT_RULE)
@@ -230,6 +229,10 @@ class EvaluateConfig(RunConfig):
     seed: int = setting(0, "seed of the random starts and of any split")
     output_dir: str = setting("evaluation", "output folder")
     data: DataConfig = section(DataConfig)
+
+    def check_rules(self) -> None:
+        if self.resolved_eps <= 0:
+            raise RRMError(EPS_RULE)
 
     @property
     def resolved_eps(self) -> float:

@@ -124,8 +124,8 @@ class PerturbationMemory:
 
 
 class MemoryCheckpointing:
-    """Mixin for objectives with a `memory` (a `PerturbationMemory` or None): the training checkpoints save and
-    restore it through `checkpoint_state` / `load_checkpoint_state`."""
+    """Mixin for what holds a `memory` (a `PerturbationMemory` or None; the input makers of `rrm_hub.objectives`):
+    training checkpoints save and restore it through `checkpoint_state` / `load_checkpoint_state`."""
 
     memory: PerturbationMemory | None = None
 

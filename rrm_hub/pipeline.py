@@ -21,6 +21,7 @@ from .evaluate import robustness_report, transfer_check
 from .features import default_layer, feature_width
 from .features import list_layers as layer_shapes
 from .hub import push_folder
+from .methods import make_objective
 from .objectives import RRM
 from .student import RRMStudent
 from .train import train
@@ -28,7 +29,7 @@ from .train import train
 
 @dataclass
 class RunResult:
-    """What a run measured (`metrics`, also in `output_dir/metrics.json`) and the model it trained."""
+    """What a run measured (`metrics`: metrics.json of a training run, preflight.json of a preflight) and the model."""
 
     metrics: dict
     output_dir: Path
@@ -104,30 +105,33 @@ def setup(config: DistillConfig) -> Setup:
                  student.pairs, student)
 
 
-def rrm_objective(run: Setup) -> RRM:
+def rrm_objective(prepared: Setup) -> RRM:
     """The RRM objective of the run: the teacher's targets (live or cached), the matching inputs, the loss."""
-    config, options = run.config, run.config.rrm.objective_options()
-    options["eps"] = config.eval.eps if options["eps"] is None else options["eps"]
-    memory = components.perturbation_memory(config.rrm, run.images)  # --match-start previous
-    cache = (components.teacher_cache(run.teacher, run.teacher_layer, run.images, config.training.batch_size,
-                                      config.teacher.revision, config.data.num_workers, run.accelerator)
-             if config.rrm.cache_teacher else None)
-    layers = {"pairs": run.pairs} if run.pairs else {"teacher_layer": run.teacher_layer}
-    return RRM(run.teacher, norm=config.eval.norm, cache=cache, memory=memory, **layers, **options)
+    config = prepared.config
+    memory = components.perturbation_memory("rrm", prepared.images, config.rrm)  # --match-start previous
+    cache = (components.teacher_cache(prepared.teacher, prepared.teacher_layer, prepared.images,
+                                      config.training.batch_size, config.teacher.revision, config.data.num_workers,
+                                      prepared.accelerator) if config.rrm.cache_teacher else None)
+    return make_objective("rrm", eps=config.eval.eps, norm=config.eval.norm, teacher=prepared.teacher,
+                          teacher_layer=prepared.teacher_layer, pairs=prepared.pairs,
+                          rrm_options=config.rrm.objective_options(), cache=cache, memory=memory)
 
 
 def distill(config: DistillConfig) -> RunResult:
     """Robust Representation Matching: train a student to match a robust teacher, evaluate both alike, save a
     Hub-ready folder (weights for RRMStudent and plain timm, card, metrics, plot, run_config.yaml)."""
-    run = setup(config)
-    config, accelerator, images = run.config, run.accelerator, run.images
-    objective = rrm_objective(run)
+    if config.preflight or config.list_layers:
+        raise RRMError("--preflight and --list-layers stop before training: call rrm_hub.pipeline.preflight or "
+                       "list_layers, or drop them")
+    prepared = setup(config)
+    config, accelerator, images = prepared.config, prepared.accelerator, prepared.images
+    objective = rrm_objective(prepared)
 
     # train on clean data with the RRM loss, checking clean and PGD-10 accuracy each epoch
     loader = components.train_loader(images, config.data, config.training, objective=objective)
     check = components.epoch_check(images, config.eval, config.training, accelerator)
-    history = train(run.student, objective, loader, accelerator, config.training, check)
-    student, selected = components.finish_training(run.student, history, check, config.eval, accelerator)
+    run = train(prepared.student, objective, loader, accelerator, config.training, check)
+    student, selected = components.finish_training(prepared.student, run, check, config.eval, accelerator)
     objective.remove()
 
     # evaluate student and teacher the same way
@@ -135,44 +139,45 @@ def distill(config: DistillConfig) -> RunResult:
     sweep_loader = components.test_loader(images, config.training.batch_size, config.eval.sweep_examples)
     options = components.report_options(config.eval, accelerator)
     result = robustness_report(student, test_loader, sweep_loader, **options)
-    teacher_result = robustness_report(run.teacher, test_loader, sweep_loader, **options) if run.labels_match else None
+    teacher_result = (robustness_report(prepared.teacher, test_loader, sweep_loader, **options)
+                      if prepared.labels_match else None)
 
     metrics = {
-        **result, "method": "rrm", "match_on": config.rrm.match_on, "teacher": run.teacher.source,
-        "teacher_layer": ", ".join(p.teacher_layer for p in run.pairs) if run.pairs else run.teacher_layer,
+        **result, "method": "rrm", "match_on": config.rrm.match_on, "teacher": prepared.teacher.source,
+        "teacher_layer": (", ".join(p.teacher_layer for p in prepared.pairs) if prepared.pairs
+                          else prepared.teacher_layer),
         "student": config.student.spec()[0], "student_args": config.student.spec()[1],
-        "student_layer": (", ".join(p.student_layer or "projected penultimate" for p in run.pairs) if run.pairs
-                          else config.student.layer or "projected penultimate"),
-        "feature_dim": run.feature_dim, "pairs": [p.to_dict() for p in run.pairs] or None,
+        "student_layer": (", ".join(p.student_layer or "projected penultimate" for p in prepared.pairs)
+                          if prepared.pairs else config.student.layer or "projected penultimate"),
+        "feature_dim": prepared.feature_dim, "pairs": [p.to_dict() for p in prepared.pairs] or None,
         "rrm_options": {**objective.options.objective_options(), "ce_weight": objective.ce_weight,
                         "teacher_input": objective.teacher_input, "step_size": objective.step_size,
                         "norm": objective.norm, "match_start": "previous" if objective.memory else "random"},
         "teacher_cache": (None if objective.targets.cache is None else
                           {"path": str(objective.targets.cache.path), "reused": objective.targets.cache.reused}),
-        **run_facts(history, selected, images, config, accelerator),
+        **run_facts(run, selected, images, config, accelerator),
         "teacher_clean_accuracy": teacher_result["clean_accuracy"] if teacher_result else None,
         "teacher_robust_accuracy": teacher_result["robust_accuracy"] if teacher_result else None,
         "teacher_sweep": teacher_result["sweep"] if teacher_result else None,
-        "history": history["history"],
+        "history": run["history"],
     }
     if accelerator.is_main_process:
         curves = {f"student ({metrics['student']})": result["sweep"]}
         if teacher_result:
             curves["teacher"] = teacher_result["sweep"]
-        context = {"teacher": run.teacher.source, "student": metrics["student"], "match_on": config.rrm.match_on}
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        (run.output_dir / "README.md").unlink(missing_ok=True)  # the card is written anew
-        student.save_pretrained(run.output_dir, model_card_kwargs={
+        context = {"teacher": prepared.teacher.source, "student": metrics["student"],
+                   "match_on": config.rrm.match_on}
+        prepared.output_dir.mkdir(parents=True, exist_ok=True)
+        (prepared.output_dir / "README.md").unlink(missing_ok=True)  # the card is written anew
+        student.save_pretrained(prepared.output_dir, model_card_kwargs={
             "metrics": metrics, "context": {**card_context(config, images, "rrm.py"), **context}})
-        save_outputs(run.output_dir, config, metrics, curves, "rrm.py")
-    share(config, run.output_dir, accelerator)
-    return RunResult(metrics, run.output_dir, student, accelerator.is_main_process)
+        save_outputs(prepared.output_dir, config, metrics, curves, "rrm.py")
+    share(config, prepared.output_dir, accelerator)
+    return RunResult(metrics, prepared.output_dir, student, accelerator.is_main_process)
 
 
 def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
     """Adversarial training of a timm model (PGD-AT, fast-AT, N-FGSM or ATTA); saves a timm-format Hub folder."""
-    from .memory import PerturbationMemory
-    from .methods import make_objective
     from .models import create_pixel_model, save_timm_folder
 
     config = with_output_dir(config.validate(), f"robust-{config.model.name}")
@@ -186,22 +191,22 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
                                model_args, images.class_names)
 
     # the objective: cross-entropy on adversarial examples from the one attack implementation
-    memory = PerturbationMemory.for_training_images(images) if config.method == "atta_at" else None
     objective = make_objective(config.method, eps=config.eval.eps, norm=config.eval.norm,
-                               attack_steps=config.attack_steps, eps_warmup=config.eps_warmup, memory=memory)
+                               attack_steps=config.attack_steps, eps_warmup=config.eps_warmup,
+                               memory=components.perturbation_memory(config.method, images))
 
     # train, then evaluate
     check = components.epoch_check(images, config.eval, config.training, accelerator)
     loader = components.train_loader(images, config.data, config.training, objective=objective)
-    history = train(model, objective, loader, accelerator, config.training, check)
-    model, selected = components.finish_training(model, history, check, config.eval, accelerator)
+    run = train(model, objective, loader, accelerator, config.training, check)
+    model, selected = components.finish_training(model, run, check, config.eval, accelerator)
     report = robustness_report(
         model, components.test_loader(images, config.training.batch_size, config.eval.eval_examples),
         components.test_loader(images, config.training.batch_size, config.eval.sweep_examples),
         **components.report_options(config.eval, accelerator))
 
     metrics = {**report, "method": config.method, "model": config.model.name, "model_args": model_args,
-               **run_facts(history, selected, images, config, accelerator), "history": history["history"]}
+               **run_facts(run, selected, images, config, accelerator), "history": run["history"]}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_timm_folder(model.model, str(output_dir), model_args, images.class_names)
@@ -210,7 +215,7 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
         save_outputs(output_dir, config, metrics, {config.model.name: report["sweep"]}, "adversarial_train.py")
     robust = ", ".join(f"{k} {v:.1%}" for k, v in report["robust_accuracy"].items())
     accelerator.print(f"{config.model.name} ({config.method}): clean {report['clean_accuracy']:.1%}, {robust} at "
-                      f"{config.eval.norm} eps {config.eval.eps:g}; trained {history['train_seconds']:.0f}s -> "
+                      f"{config.eval.norm} eps {config.eval.eps:g}; trained {run['train_seconds']:.0f}s -> "
                       f"{output_dir}")
     share(config, output_dir, accelerator)
     return RunResult(metrics, output_dir, model, accelerator.is_main_process)
@@ -218,51 +223,52 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
 
 def preflight(config: DistillConfig) -> RunResult:
     """A short run that tells in minutes whether this teacher/student pair transfers robustness."""
-    run = setup(config)
-    config, accelerator = run.config, run.accelerator
-    objective = rrm_objective(run)
+    prepared = setup(config)
+    config, accelerator = prepared.config, prepared.accelerator
+    objective = rrm_objective(prepared)
     training = dataclasses.replace(config.training, max_steps=config.preflight_steps, output_dir=None)  # no saves
-    loader = components.train_loader(run.images, config.data, training, objective=objective)
-    history = train(run.student, objective, loader, accelerator, training)
+    loader = components.train_loader(prepared.images, config.data, training, objective=objective)
+    run = train(prepared.student, objective, loader, accelerator, training)
     limit = min(config.eval.eval_examples or 200, 200)
-    result = transfer_check(accelerator.unwrap_model(run.student), run.teacher,
-                            components.test_loader(run.images, training.batch_size, limit), config.eval.eps,
+    result = transfer_check(accelerator.unwrap_model(prepared.student), prepared.teacher,
+                            components.test_loader(prepared.images, training.batch_size, limit), config.eval.eps,
                             config.eval.norm, accelerator)
-    result["train_seconds"] = round(history["train_seconds"], 1)
+    result["train_seconds"] = round(run["train_seconds"], 1)
     for row in result["rows"]:
         accelerator.print(f"eps {row['eps']:g}: student {row['student']:.1%}, teacher {row['teacher']:.1%} "
                           f"(student/teacher {row['ratio']:.2f})")
     verdict = "moving into the student" if result["moving"] else "NOT moving into the student"
-    accelerator.print(f"preflight after {history['steps']} steps ({result['train_seconds']}s): robustness is "
+    accelerator.print(f"preflight after {run['steps']} steps ({result['train_seconds']}s): robustness is "
                       f"{verdict}")
     if accelerator.is_main_process:
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        save_json(result, run.output_dir / "preflight.json")
-    return RunResult(result, run.output_dir, run.student)
+        prepared.output_dir.mkdir(parents=True, exist_ok=True)
+        save_json(result, prepared.output_dir / "preflight.json")
+    return RunResult(result, prepared.output_dir, prepared.student)
 
 
 def list_layers(config: DistillConfig) -> RunResult:
     """Print the layers of teacher and student (as --teacher-layer / --student-layer / --match take them) with their
     output shapes."""
-    run = setup(config)
-    for title, model, network in ((f"teacher {run.teacher.source}", run.teacher, run.teacher.network),
-                                  (f"student {run.student.config['architecture']}", run.student, run.student.backbone)):
-        run.accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer / --match) and output shapes")
-        sample = run.sample.to(next(model.parameters()).device)
-        for name, kind, shape in layer_shapes(model.eval(), sample, network):
-            run.accelerator.print(f"  {name:<40} {kind:<24} {tuple(shape)}")
-    return RunResult({}, run.output_dir, run.student)
+    prepared = setup(config)
+    teacher, student, accelerator = prepared.teacher, prepared.student, prepared.accelerator
+    for title, model, network, device in ((f"teacher {teacher.source}", teacher, teacher.network, accelerator.device),
+                                          (f"student {student.config['architecture']}", student, student.backbone,
+                                           "cpu")):  # the teacher runs where training would; the student is not moved
+        accelerator.print(f"{title}: layers (as --teacher-layer / --student-layer / --match) and output shapes")
+        for name, kind, shape in layer_shapes(model.eval(), prepared.sample.to(device), network):
+            accelerator.print(f"  {name:<40} {kind:<24} {tuple(shape)}")
+    return RunResult({}, prepared.output_dir, student)
 
 
 # ---- what every run records
-def run_facts(history: dict, selected, images: ImageData, config, accelerator: Accelerator) -> dict:
+def run_facts(run: dict, selected, images: ImageData, config, accelerator: Accelerator) -> dict:
     """Training time, steps, the epoch kept, hardware and throughput: the same keys for every recipe."""
     training = config.training
-    images_seen = history["steps"] * training.batch_size * training.grad_accum * accelerator.num_processes
-    return {"dataset": images.name, "train_seconds": round(history["train_seconds"], 1), "epochs": history["epochs"],
-            "steps": history["steps"], "selected_epoch": selected, "hardware": hardware(),
+    images_seen = run["steps"] * training.batch_size * training.grad_accum * accelerator.num_processes
+    return {"dataset": images.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
+            "steps": run["steps"], "selected_epoch": selected, "hardware": hardware(),
             "num_processes": accelerator.num_processes,
-            "images_per_second": round(images_seen / max(history["train_seconds"], 1e-9), 1)}
+            "images_per_second": round(images_seen / max(run["train_seconds"], 1e-9), 1)}
 
 
 def card_context(config, images: ImageData, script: str) -> dict:

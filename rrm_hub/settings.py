@@ -119,7 +119,17 @@ def _check_bounds(value: Any, field: dataclasses.Field, label: str, list_item: b
     for key, sign, holds in (("ge", ">=", lambda bound: value >= bound), ("gt", ">", lambda bound: value > bound)):
         bound = field.metadata.get(key)
         if bound is not None and not holds(bound):
-            raise RRMError(field.metadata.get("error") or f"{what} must be {sign} {bound:g}, got {value:g}")
+            raise RRMError(field.metadata.get("error") or f"{what} must be {sign} {bound:g}, got {value}")
+
+
+def _as_number(value: Any) -> Any:
+    """`value`, or the number a string such as '1e-3' spells (YAML 1.1 reads exponents without a dot as text)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -147,7 +157,7 @@ def from_dict(cls: type, data: dict[str, Any], base: Any = None, where: str = ""
         if is_section(current):
             changes[key] = from_dict(type(current), value or {}, current, f"{where}: {key}")
         else:
-            changes[key] = value
+            changes[key] = _as_number(value) if unwrap_optional(hints(cls)[key])[0] is float else value
     return dataclasses.replace(config, **changes)
 
 

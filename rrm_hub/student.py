@@ -140,8 +140,7 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         shape (`rrm_hub.align.view_shape`; the penultimate side is the projection, of the teacher's width)."""
         was_training = self.backbone.training
         self.backbone.eval()
-        layers = {pair.student_layer for pair in pairs if pair.student_layer} | {self.student_layer} - {None}
-        taps = {layer: FeatureTap(self.backbone, layer) for layer in sorted(layers)}
+        taps = {layer: FeatureTap(self.backbone, layer) for layer in self._tapped_layers(pairs)}
         try:
             width = pool(self.backbone(self.preprocess(torch.zeros(2, *self.preprocess.input_size)))).shape[1]
             raw = {layer: tap.pop_raw() for layer, tap in taps.items()}
@@ -167,10 +166,9 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
             return nn.Identity()  # the projection the classifier reads is the match
         return nn.Linear(shape[0], teacher_width)
 
-    @property
-    def prefix_tokens(self) -> int | None:
-        """Class/register tokens ahead of the patch tokens (timm ViTs say so; None: infer from the count)."""
-        return getattr(self.backbone, "num_prefix_tokens", None)
+    def _tapped_layers(self, pairs: list[align.MatchedPair]) -> list[str]:
+        """The student layers whose outputs the matched representations read."""
+        return sorted({pair.student_layer for pair in pairs if pair.student_layer} | {self.student_layer} - {None})
 
     def _matched(self, projected: torch.Tensor, raw: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Each pair's student side, projected to the teacher's width (on the pair's grid for a spatial pair)."""
@@ -204,9 +202,7 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
     def forward(self, pixels: torch.Tensor, return_features: bool = False):
         if not return_features:
             return self.head(self.proj(pool(self.backbone(self.preprocess(pixels)))))
-        layers = sorted({pair.student_layer for pair in self.pairs if pair.student_layer} | {self.student_layer}
-                        - {None})
-        taps = {layer: FeatureTap(self.backbone, layer) for layer in layers}
+        taps = {layer: FeatureTap(self.backbone, layer) for layer in self._tapped_layers(self.pairs)}
         try:
             projected = self.proj(pool(self.backbone(self.preprocess(pixels))))
             raw = {layer: tap.pop_raw() for layer, tap in taps.items()}

@@ -10,6 +10,7 @@ import contextlib
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ from .errors import RRMError
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """Anything called like `Attack`: (model, x, y) -> adversarial x, all in [0, 1] pixels."""
 
-SUITES = ("pgd", "standard")
+Suite = Literal["pgd", "standard"]
+SUITES: tuple[str, ...] = get_args(Suite)
 WORST_CASE = "worst_case"
 
 

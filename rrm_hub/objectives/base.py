@@ -8,6 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..errors import RRMError
+
 Logs = dict[str, torch.Tensor]
 
 
@@ -66,8 +68,15 @@ class FunctionObjective(ObjectiveBase):
 
 
 def as_objective(objective) -> Objective:
-    """`objective` itself if it is an `Objective`, else the callable wrapped as one."""
-    return objective if isinstance(objective, Objective) else FunctionObjective(objective)
+    """`objective` itself if it is an `Objective`, else a plain loss function wrapped as one; an object with only some
+    of the protocol (a `schedule`, `replays`, a `memory`) is refused rather than run without them."""
+    if isinstance(objective, Objective):
+        return objective
+    partial = [name for name in ("schedule", "replays", "memory", "checkpoint_state") if hasattr(objective, name)]
+    if partial:
+        raise RRMError(f"{type(objective).__name__} has {', '.join(partial)} but not all of rrm_hub.Objective: "
+                       "subclass rrm_hub.objectives.ObjectiveBase")
+    return FunctionObjective(objective)
 
 
 def warmup_scale(progress: float, warmup: float) -> float:

@@ -55,18 +55,19 @@ class NoisyInputs(InputMaker):
 
 
 class AttackedInputs(InputMaker):
-    """The images moved by `attack` against the model being trained, raising its cross-entropy on the labels
+    """The images moved by an attack against the model being trained, raising its cross-entropy on the labels
     (`loss="ce"`) or its feature mismatch (`"mismatch"`); with a `memory`, each image's attack starts where it ended
-    the epoch before (ATTA), else at random."""
+    the epoch before (ATTA), else at random. `attack_at(factor)` is the attack at `factor` times the full epsilon."""
 
-    def __init__(self, attack: Attack, loss: str = "ce", memory: PerturbationMemory | None = None):
+    def __init__(self, attack_at: Callable[[float], Attack], loss: str = "ce",
+                 memory: PerturbationMemory | None = None):
         super().__init__(memory)
-        self.attack, self.loss, self.current = attack, loss, attack
+        self.attack_at, self.loss, self.current = attack_at, loss, attack_at(1.0)
         self.reads_clean_target = loss == "mismatch"
 
     def schedule(self, factor: float) -> None:
         super().schedule(factor)
-        self.current = self.attack.scaled(factor)
+        self.current = self.attack_at(factor)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
                  origins: torch.Tensor | None = None, mismatch: FeatureMismatch | None = None) -> torch.Tensor:
@@ -74,13 +75,11 @@ class AttackedInputs(InputMaker):
         if self.loss == "ce":
             if y is None:
                 raise RRMError("attack_loss='ce' moves the images against the labels: pass y")
-            if self.memory is None:
-                return self.current(model, x, y)
             loss_of = lambda x_adv: F.cross_entropy(model(x_adv), y)  # noqa: E731
         else:
             loss_of = lambda x_adv: mismatch(model(x_adv, return_features=True)[1])  # noqa: E731
-            if self.memory is None:
-                return self.current.maximize(loss_of, x)
+        if self.memory is None:
+            return self.current.maximize(loss_of, x)
         return self.memory.continue_attack(self.current, loss_of, x, origins)
 
 

@@ -40,7 +40,8 @@ def input_maker(options: RRMOptions, norm: str, memory: PerturbationMemory | Non
         return NoisyInputs(options.eps, norm, options.noise)
     if options.attack == "free":  # moved by the training step's own backward pass, for the next epoch
         return FreeInputs(memory, options.eps, norm, step_size)
-    return AttackedInputs(matching_attack(options, options.eps, norm, step_size), options.attack_loss, memory)
+    attack_at = lambda factor: matching_attack(options, options.eps * factor, norm, step_size)  # noqa: E731
+    return AttackedInputs(attack_at, options.attack_loss, memory)
 
 
 class RRM(ObjectiveBase):
@@ -84,7 +85,6 @@ class RRM(ObjectiveBase):
         if self.step_size is None and self.memory is not None:  # many small steps add up over the epochs
             self.step_size = CARRIED_STEP
         self.eps, self.norm, self.eps_warmup = self.options.eps, norm, self.options.eps_warmup
-        self.current_eps = self.eps
         self.targets = TeacherTargets(teacher, teacher_layer, self.pairs, cache)
         self.inputs = input_maker(self.options, norm, self.memory, self.step_size)
         self.uses_origins = self.memory is not None
@@ -120,9 +120,7 @@ class RRM(ObjectiveBase):
 
     def schedule(self, progress: float) -> None:
         """Called by the training loop: ramps the matching epsilon up over `eps_warmup` of training."""
-        factor = warmup_scale(progress, self.eps_warmup)
-        self.current_eps = self.eps * factor
-        self.inputs.schedule(factor)
+        self.inputs.schedule(warmup_scale(progress, self.eps_warmup))
 
     def matching_attack(self) -> Attack:
         """The attack that moves the matching inputs at the current epsilon."""

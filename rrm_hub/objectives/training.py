@@ -35,7 +35,7 @@ class AdversarialTraining(ObjectiveBase):
 
     def __init__(self, attack: Attack, name: str | None = None, eps_warmup: float = 0.0,
                  memory: PerturbationMemory | None = None):
-        self.inputs = AttackedInputs(attack, "ce", memory)
+        self.inputs = AttackedInputs(attack.scaled, "ce", memory)
         self.attack, self.eps_warmup, self.memory = attack, eps_warmup, memory
         self.uses_origins = memory is not None
         self.name = name or {"fgsm": "fast_at", "nfgsm": "nfgsm_at"}.get(attack.name, "pgd_at")
@@ -51,7 +51,11 @@ class AdversarialTraining(ObjectiveBase):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
-        loss = F.cross_entropy(model(self.inputs(model, x, y, origins)), y)
+        if self.current.eps == 0 and self.memory is None:  # the warm-up's first step: nothing to attack
+            x_adv = x.detach()
+        else:
+            x_adv = self.inputs(model, x, y, origins)
+        loss = F.cross_entropy(model(x_adv), y)
         return loss, {"ce": loss.detach(), "eps": torch.tensor(self.current.eps)}
 
 
