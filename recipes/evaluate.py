@@ -2,10 +2,13 @@
 
     python recipes/evaluate.py --model <hub id or folder> --dataset <hub id> --suite standard
     python recipes/evaluate.py --model resnet50 --checkpoint hf://org/repo/weights.safetensors --dataset <hub id>
+    python recipes/evaluate.py --model org/name --dataset <hub id> --suite standard --push-results [--dry-run]
 
 With no flags: the bundled MNIST teacher on the embedded MNIST test digits, PGD-20 at L-inf eps 0.3.
-`--suite standard` is AutoAttack's standard version (APGD-CE, APGD-T, Square): an example counts as robust
-only if every attack failed on it. Writes metrics.json, the accuracy-versus-epsilon plot and run_config.yaml.
+`--suite standard` is AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square), run by the authors' own
+`pyautoattack`: an example counts as robust only if every attack failed on it. Writes metrics.json, the
+accuracy-versus-epsilon plot and run_config.yaml; `--push-results` writes the numbers into the model repo's card
+(`model-index`), as a pull request unless `--no-pr`; `--dry-run` prints that card instead.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rrm_hub import TrainConfig, cli, components, make_loader
-from rrm_hub.cards import PLOT_FILE, hardware, plot_sweeps, save_json
+from rrm_hub.cards import PLOT_FILE, hardware, is_hub_id, plot_sweeps, save_json
 from rrm_hub.checks import MaskingChecks
 from rrm_hub.errors import RRMError, one_line_errors
 from rrm_hub.evaluate import EvaluateConfig, evaluate_suite
+from rrm_hub.hub import push_results, results_card
 from rrm_hub.suites import WORST_CASE
 
 
@@ -37,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. the suite at each epsilon, worst case per example, and the gradient-masking checks
     result = evaluate_suite(model, loader, eps, config.norm, config.suite, sweep=config.eps_sweep or (),
-                            steps=config.steps, queries=config.square_queries,
-                            checks=None if config.no_checks else MaskingChecks(), accelerator=accelerator)
+                            steps=config.steps, checks=None if config.no_checks else MaskingChecks(),
+                            accelerator=accelerator, seed=config.seed)
     metrics = {**result, "model": getattr(model, "source", config.model.name), "dataset": images.name,
                "hardware": hardware(), "num_processes": accelerator.num_processes,
                "command": cli.command("evaluate.py", config)}
@@ -52,7 +56,19 @@ def main(argv: list[str] | None = None) -> dict:
                     ylabel=f"accuracy, worst case of suite '{config.suite}' (%)")
         cli.save(config, output_dir, "evaluate.py")
         print_summary(metrics, output_dir)
+        if config.push_results:  # 4. the numbers into the model's own card
+            share_results(config, metrics, images.name)
     return metrics
+
+
+def share_results(config: EvaluateConfig, metrics: dict, dataset: str) -> None:
+    card = results_card(config.model.name, metrics, dataset, config.model.revision)
+    if config.dry_run:
+        print(f"--- the card for {config.model.name or 'the bundled teacher'} (--dry-run: not pushed)\n{card.content}")
+        return
+    if not is_hub_id(config.model.name):
+        raise RRMError("--push-results writes to a Hub repo: give --model as org/name, or add --dry-run")
+    print(f"pushed: {push_results(card, config.model.name, create_pr=not config.no_pr)}")
 
 
 def print_summary(metrics: dict, output_dir: Path) -> None:

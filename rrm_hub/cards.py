@@ -35,16 +35,24 @@ def is_hub_id(spec: str | None) -> bool:
         not Path(spec).exists()
 
 
+def suite_label(metrics: dict) -> str:
+    """How a card names the attacks that measured `metrics`: 'PGD-20', or 'AutoAttack standard (pyautoattack 0.2.0)'."""
+    if metrics.get("suite", "pgd") == "pgd":
+        return f"PGD-{metrics.get('attack_steps') or 20}"
+    return f"AutoAttack {metrics['suite']} ({metrics.get('attack_package', 'pyautoattack')})"
+
+
 def eval_results(metrics: dict, dataset: str) -> list[EvalResult]:
-    """`model-index` entries: clean accuracy and each robust accuracy, with the threat model spelled out."""
+    """`model-index` entries: clean accuracy and each robust accuracy (the worst case named by its suite), with the
+    threat model spelled out, as measured and rounded to 4 digits."""
     common = {"task_type": "image-classification", "dataset_type": dataset, "dataset_name": dataset,
-              "metric_type": "accuracy"}
-    n = metrics.get("num_examples")
-    results = [EvalResult(**common, metric_name="clean accuracy", metric_value=metrics["clean_accuracy"],
-                          dataset_split=f"test ({n} images)")]
+              "metric_type": "accuracy", "dataset_split": f"test ({metrics.get('num_examples')} images)"}
+    threat = f"{metrics['norm']}, eps={metrics['eps']:g}"
+    results = [EvalResult(**common, metric_name="clean accuracy", metric_value=round(metrics["clean_accuracy"], 4))]
     for attack, value in metrics["robust_accuracy"].items():
-        name = f"{attack} accuracy ({metrics['norm']}, eps={metrics['eps']:g})"
-        results.append(EvalResult(**common, metric_name=name, metric_value=value, dataset_split=f"test ({n} images)",
+        name = (f"robust accuracy, {suite_label(metrics)} ({threat})" if attack == "worst_case"
+                else f"{attack} accuracy ({threat})")
+        results.append(EvalResult(**common, metric_name=name, metric_value=round(value, 4),
                                   metric_config=f"{metrics['norm']}-eps{metrics['eps']:g}"))
     return results
 

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from .attacks import pgd
-from .suites import AttackFn, TorchAttack, accuracy, worst_case
+from .suites import AttackFn, AutoAttackPart, accuracy, worst_case
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class MaskingChecks:
             "check:many-steps": pgd(eps, norm, self.many_steps),
         }
         if not black_box:
-            probes["check:square"] = TorchAttack("square", eps, norm, self.probe_queries)
+            probes["check:square"] = AutoAttackPart("square", eps, norm, self.probe_queries)
         if not sweep:
             probes["check:half-eps"] = pgd(eps / 2, norm, self.few_steps)
             probes["check:double-eps"] = pgd(2 * eps, norm, self.few_steps)

@@ -19,7 +19,7 @@ from .attacks import Noise, Norm
 from .errors import RRMError
 from .memory import CARRIED_STEP
 from .settings import parse_kwargs, section, setting
-from .suites import Suite
+from .suites import SUITE_HELP, Suite, check_steps
 
 DEFAULT_STUDENT = "vit_tiny_patch16_224"
 DEFAULT_STUDENT_KWARGS = ["img_size=28", "patch_size=7", "depth=4", "embed_dim=96", "num_heads=3"]
@@ -302,10 +302,8 @@ class EvalConfig:
     TITLE: ClassVar[str] = "threat model and evaluation"
     eps: float = setting(0.3, "attack budget in [0, 1] pixel space", ge=0)
     norm: Norm = setting("linf", "threat model")
-    suite: Suite = setting("pgd", "final evaluation: pgd (PGD-20, fast) or standard "
-                                                "(AutoAttack's APGD-CE, APGD-T and Square; worst case per example)")
-    eval_steps: int | None = setting(None, "steps of the suite's gradient attacks (default: 20 for pgd, 100 for "
-                                     "standard)", ge=1)
+    suite: Suite = setting("pgd", SUITE_HELP)
+    eval_steps: int | None = setting(None, "steps of PGD for --suite pgd (default 20)", ge=1)
     no_checks: bool = setting(False, "skip the gradient-masking checks")
     eval_examples: int = setting(500, "test images for the final numbers and the gradient-masking checks (0: all)",
                                  ge=0)
@@ -343,6 +341,7 @@ class RunConfig:
         if hub is not None and hub.push and not hub.model_id:
             raise RRMError("--push-to-hub needs --hub-model-id user/name")
         if evaluation is not None:
+            check_steps(evaluation.suite, evaluation.eval_steps)
             if evaluation.keep_best and not (evaluation.holdout and evaluation.epoch_eval_examples):
                 raise RRMError("--keep-best chooses an epoch by its robust accuracy on held-out training images: add "
                                "--holdout N (e.g. 500), and keep --epoch-eval-examples above 0")

@@ -18,7 +18,18 @@ from .checks import MaskingChecks, run_checks, warn_failed_checks
 from .config import DataConfig, EvaluatedModel, RunConfig
 from .errors import RRMError
 from .settings import section, setting
-from .suites import WORST_CASE, AttackFn, Suite, accuracy, attack_suite, worst_case
+from .suites import (
+    AUTOATTACK_VERSIONS,
+    SUITE_HELP,
+    WORST_CASE,
+    AttackFn,
+    Suite,
+    accuracy,
+    attack_suite,
+    autoattack_version,
+    check_steps,
+    worst_case,
+)
 
 DEFAULT_CHECKS = MaskingChecks()
 
@@ -30,7 +41,8 @@ def attack_hits(
     accelerator: Accelerator | None = None,
     desc: str = "eval",
 ) -> dict[str, torch.Tensor]:
-    """Per example, in loader order: is `model` right on the clean input ("clean") and under each attack?
+    """Per example, in loader order: is `model` right on the clean input ("clean") and under each attack? An attack
+    that returns one adversarial batch per stage ({stage: x_adv}, an AutoAttack run) gives "<name>/<stage>" entries.
 
     Bool tensors over the whole dataset: under several processes each process attacks its shard and the
     results are gathered so that each example is counted exactly once.
@@ -40,19 +52,21 @@ def attack_hits(
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
     main = accelerator is None or accelerator.is_local_main_process
-    names = ["clean", *attacks]
-    rows = []
+    names, rows = None, []
     bar = tqdm(total=len(loader) * len(attacks), desc=desc, disable=not main or not attacks, leave=False)
     for x, y in loader:
         with torch.inference_mode():
-            hits = [model(x).argmax(dim=1) == y]
+            hits = {"clean": model(x).argmax(dim=1) == y}
         for name, attack in attacks.items():
             bar.set_postfix_str(name)
             x_adv = attack(model, x, y)
+            views = {f"{name}/{stage}": view for stage, view in x_adv.items()} if isinstance(x_adv, dict) else \
+                {name: x_adv}
             with torch.inference_mode():
-                hits.append(model(x_adv).argmax(dim=1) == y)
+                hits.update({key: model(view).argmax(dim=1) == y for key, view in views.items()})
             bar.update()
-        batch = torch.stack(hits, dim=1).to(torch.uint8)
+        names = names or list(hits)
+        batch = torch.stack([hits[key] for key in names], dim=1).to(torch.uint8)
         rows.append(accelerator.gather_for_metrics(batch) if accelerator else batch)
     bar.close()
     model.train(was_training)
@@ -89,39 +103,56 @@ def evaluate_suite(
     *,
     sweep: Iterable[float] = (),
     steps: int | None = None,
-    queries: int = 5000,
     checks: MaskingChecks | None = DEFAULT_CHECKS,
     accelerator: Accelerator | None = None,
+    seed: int = 0,
 ) -> dict:
     """`suite` at `eps` (and at each `sweep` epsilon), worst case per example, and the gradient-masking checks.
 
-    Returns clean_accuracy, robust_accuracy (each attack's accuracy at `eps` and "worst_case"), sweep (worst-case
-    accuracy by epsilon, with eps 0 = clean), checks ({name: {"passed", "detail"}}), num_examples, eps, norm,
-    suite. A failed check also raises a loud `GradientMaskingWarning` on the main process.
+    Returns clean_accuracy, robust_accuracy (each attack's accuracy at `eps`, for AutoAttack's versions the accuracy
+    after it, and "worst_case"), sweep (worst-case accuracy by epsilon, with eps 0 = clean), checks ({name:
+    {"passed", "detail"}}), num_examples, eps, norm, suite; for AutoAttack's versions also attack_package and
+    autoattack_checks (the warnings of AutoAttack's own checks, none when it found nothing). A failed check also
+    raises a loud `GradientMaskingWarning` on the main process.
     """
     if eps <= 0:
         raise RRMError(f"eps must be > 0 for a robustness evaluation, got {eps}")
     epsilons = sorted({float(eps), *(float(e) for e in sweep if e > 0)})
-    suites = {e: attack_suite(suite, e, norm, steps, queries) for e in epsilons}
+    suites = {e: attack_suite(suite, e, norm, steps, seed) for e in epsilons}
     attacks = {f"{name}@{e:g}": attack for e, members in suites.items() for name, attack in members.items()}
-    at_eps = {name: f"{name}@{eps:g}" for name in suites[eps]}
-    black = [at_eps[name] for name, attack in suites[eps].items() if getattr(attack, "black_box", False)]
+    autoattack = suite in AUTOATTACK_VERSIONS
     probes = {}
     if checks is not None:
         pixels = loader.dataset[0][0].numel()
-        probes = checks.probes(eps, norm, pixels, black_box=bool(black), sweep=len(epsilons) > 1)
+        probes = checks.probes(eps, norm, pixels, black_box=autoattack and suite != "rand", sweep=len(epsilons) > 1)
     hits = attack_hits(model, loader, {**attacks, **probes}, accelerator, desc=f"{suite} {norm} eps={eps:g}")
+
+    def members(e: float) -> dict[str, str]:  # attack name -> its key in `hits`, at epsilon e
+        prefixes = [f"{name}@{e:g}" for name in suites[e]]
+        return {key.partition("/")[2] or key.partition("@")[0]: key for key in hits
+                if key.partition("/")[0] in prefixes}
+
+    at_eps = members(eps)
     curve = [{"eps": 0.0, "accuracy": accuracy(hits["clean"])}]
-    curve += [{"eps": e, "accuracy": accuracy(worst_case(hits, [f"{n}@{e:g}" for n in suites[e]]))} for e in epsilons]
+    curve += [{"eps": e, "accuracy": accuracy(worst_case(hits, members(e).values()))} for e in epsilons]
     result = {
         "clean_accuracy": accuracy(hits["clean"]),
         "robust_accuracy": {**{name: accuracy(hits[key]) for name, key in at_eps.items()},
                             WORST_CASE: accuracy(worst_case(hits, at_eps.values()))},
         "sweep": curve, "num_examples": int(hits["clean"].numel()), "eps": float(eps), "norm": norm, "suite": suite,
-        "checks": {},
+        "attack_steps": steps or 20 if suite == "pgd" else None, "checks": {},  # AutoAttack: its version's own
     }
+    if autoattack:
+        found = sorted({w for run in attacks.values() for w in run.warnings})
+        result["attack_package"], result["autoattack_checks"] = autoattack_version(), found
+        for warning in found if accelerator is None or accelerator.is_main_process else []:
+            print(f"WARNING: AutoAttack's check: {warning}", flush=True)
     if checks is not None:
-        white = [key for key in at_eps.values() if key not in black]
+        black = [at_eps["square"]] if "square" in at_eps else []
+        # the white-box attacks that ran before Square (all of them in the standard version; the accuracy after an
+        # attack holds every earlier one)
+        names = list(at_eps)
+        white = [at_eps[n] for n in names[:names.index("square")]] if black else list(at_eps.values())
         result["checks"] = run_checks(hits, white, black, curve, checks, eps, norm, pixels)
         warn_failed_checks(result["checks"], accelerator)
     return result
@@ -178,7 +209,6 @@ def robustness_report(
     checks, and accuracy versus epsilon (PGD-`sweep_steps` on `sweep_loader`, at `sweep_eps` or around `eps`)."""
     report = evaluate_suite(model, test_loader, eps, norm, suite, steps=steps,
                             checks=MaskingChecks() if checks else None, accelerator=accelerator)
-    report["attack_steps"] = steps or (20 if suite == "pgd" else 100)
     if sweep_loader is not None:
         epsilons = default_sweep(eps) if sweep_eps is None else [0.0, *sweep_eps]
         report["sweep"] = eps_sweep(model, sweep_loader, epsilons, norm, sweep_steps, accelerator)
@@ -205,7 +235,7 @@ def transfer_check(student: nn.Module, teacher: nn.Module, loader: DataLoader, e
 DEFAULT_EPS = {"linf": 0.3, "l2": 2.0}
 """The usual MNIST threat models."""
 EPS_RULE = "--eps must be > 0 and --eps-sweep values >= 0"
-COUNT_RULE = "--batch-size, --n-examples, --steps and --square-queries must be >= 1"
+COUNT_RULE = "--batch-size, --n-examples and --steps must be >= 1"
 
 
 @dataclass
@@ -218,21 +248,25 @@ class EvaluateConfig(RunConfig):
                                 "largest --eps-sweep value if that is given)", gt=0, error=EPS_RULE)
     eps_sweep: list[float] | None = setting(None, "also run the suite at these epsilons, for the accuracy-versus-"
                                             "epsilon curve", nargs="+", ge=0, error=EPS_RULE)
-    suite: Suite = setting("pgd", "pgd: PGD-20 (fast); standard: AutoAttack's APGD-CE, "
-                                                "APGD-T and Square")
-    steps: int | None = setting(None, "iterations of each gradient attack (default: 20 for pgd, 100 for APGD)",
-                                ge=1, error=COUNT_RULE)
-    square_queries: int = setting(5000, "queries of the Square attack", ge=1, error=COUNT_RULE)
+    suite: Suite = setting("pgd", SUITE_HELP)
+    steps: int | None = setting(None, "iterations of PGD (--suite pgd; default 20)", ge=1, error=COUNT_RULE)
     no_checks: bool = setting(False, "skip the gradient-masking checks")
     n_examples: int | None = setting(None, "first N test images (default: all)", ge=1, error=COUNT_RULE)
     batch_size: int = setting(256, "per process", ge=1, error=COUNT_RULE)
     seed: int = setting(0, "seed of the random starts and of any split")
     output_dir: str = setting("evaluation", "output folder")
+    push_results: bool = setting(False, "write the measured robustness into the model repo's card as model-index "
+                                 "results (a pull request unless --no-pr)")
+    no_pr: bool = setting(False, "with --push-results: commit to the repo itself (a repo you can write to)")
+    dry_run: bool = setting(False, "with --push-results: print the card that would be written, push nothing")
     data: DataConfig = section(DataConfig)
 
     def check_rules(self) -> None:
         if self.resolved_eps <= 0:
             raise RRMError(EPS_RULE)
+        check_steps(self.suite, self.steps)
+        if (self.no_pr or self.dry_run) and not self.push_results:
+            raise RRMError("--no-pr and --dry-run go with --push-results; add it or drop them")
 
     @property
     def resolved_eps(self) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .errors import RRMError
@@ -59,3 +59,46 @@ def push_folder(
         raise RRMError(f"the Hub refused the upload to '{repo_id}' ({type(err).__name__}); check the id and "
                        "that your token may write (huggingface-cli login)") from None
     return str(commit.commit_url if hasattr(commit, "commit_url") else commit)
+
+
+def results_card(model: str | None, metrics: dict, dataset: str, revision: str | None = None) -> ModelCard:
+    """The card of `model` (a Hub repo, through the Hugging Face cache; or a local folder) with the measured
+    robustness as its `model-index` results; results of the same name and dataset are replaced, others kept."""
+    from huggingface_hub import ModelCardData
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from .cards import eval_results
+
+    folder = Path(model) if model else None
+    try:
+        if folder is not None and folder.is_dir():
+            card = ModelCard.load(folder / "README.md") if (folder / "README.md").exists() else None
+        else:
+            card = ModelCard.load(hf_hub_download(model, "README.md", revision=revision)) if model else None
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        card = None  # a repo without a card gets a new one
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise RRMError(f"the card of '{model}' is not in the local Hugging Face cache; go online once, or give a "
+                       "local folder") from None
+    if card is None:
+        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
+    name = str(model or "model").rstrip("/").split("/")[-1]
+    measured = eval_results(metrics, dataset)
+    replaced = {(r.metric_name, r.dataset_type) for r in measured}
+    kept = [r for r in card.data.eval_results or [] if (r.metric_name, r.dataset_type) not in replaced]
+    card.data.eval_results = kept + measured
+    card.data.model_name = card.data.model_name or name
+    return card
+
+
+def push_results(card: ModelCard, repo_id: str, *, create_pr: bool = True, revision: str | None = None,
+                 token: str | None = None) -> str:
+    """Upload `card` as the README.md of `repo_id` (as a pull request unless `create_pr` is False); returns its URL."""
+    try:
+        return str(card.push_to_hub(repo_id, token=token, revision=revision, create_pr=create_pr,
+                                    commit_message="Add robustness results measured with rrm-hub"))
+    except OfflineModeIsEnabled:
+        raise RRMError("cannot push while HF_HUB_OFFLINE=1; unset it, or use --dry-run to see the card") from None
+    except HfHubHTTPError as err:
+        raise RRMError(f"the Hub refused the card for '{repo_id}' ({type(err).__name__}); check the id and that your "
+                       "token may open pull requests (or write, with --no-pr)") from None

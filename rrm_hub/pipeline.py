@@ -273,9 +273,10 @@ def run_facts(run: dict, selected, images: ImageData, config, accelerator: Accel
 
 def card_context(config, images: ImageData, script: str) -> dict:
     """What every card shows about the run: names, settings and the command that reproduces it."""
-    output_dir = Path(config.training.output_dir)
-    return {"model_name": output_dir.name, "repo_id": config.hub.model_id or f"<user>/{output_dir.name}",
-            "dataset": images.name, "config": config, "command": cli.command(script, config)}
+    name = config.hub.model_id.split("/")[-1] if config.hub.model_id else Path(config.training.output_dir).name
+    return {"model_name": name, "repo_id": config.hub.model_id or f"<user>/{name}", "dataset": images.name,
+            "repo_url": f"https://huggingface.co/{config.hub.model_id}" if config.hub.model_id else None,
+            "config": config, "command": cli.command(script, config)}
 
 
 def save_outputs(folder: Path, config, metrics: dict, curves: dict, script: str) -> None:

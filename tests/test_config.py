@@ -47,8 +47,8 @@ FLAGS = {
     "--trust-remote-code --warmup --weight-decay",
     "evaluate.py": "--arch --batch-size --checkpoint --dataset --dataset-config --eps --eps-sweep --hflip "
     "--image-column --image-size --label-column --model --model-kwargs --n-examples --no-checks --norm --num-classes "
-    "--num-workers --output-dir --pad --revision --seed --square-queries --steps --suite --test-split --train-split "
-    "--trust-remote-code",
+    "--num-workers --output-dir --pad --revision --seed --steps --suite --test-split --train-split "
+    "--trust-remote-code",  # --square-queries went with torchattacks: AutoAttack's versions fix their budgets
     "study.py": "--eps --eps-sweep --extra --jobs --list --output-dir --variants",
 }
 
@@ -77,6 +77,7 @@ def test_defaults_are_the_recipes_own():
     (["--teacher-num-classes", "0"], "--teacher-num-classes must be >= 1"),
     (["--cache-teacher", "--pad", "2"], "--cache-teacher needs the training images unaugmented"),
     (["--cache-teacher", "--match-on", "noise"], "--cache-teacher holds the teacher's outputs on clean images only"),
+    (["--suite", "standard", "--eval-steps", "5"], "AutoAttack's standard version has fixed settings"),
 ])
 def test_bounds_and_rules_are_one_line_errors(argv, message):
     with pytest.raises(RRMError, match=message.replace("(", r"\(").replace(")", r"\)")):

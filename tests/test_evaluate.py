@@ -5,14 +5,13 @@ import sys
 
 import pytest
 import torch
-import torchattacks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rrm_hub import RRMStudent, evaluate, make_loader, pgd
 from rrm_hub.checks import GradientMaskingWarning, MaskingChecks, check_monotone, check_more_steps
 from rrm_hub.evaluate import attack_hits, evaluate_suite
-from rrm_hub.suites import WORST_CASE, TorchAttack, worst_case
+from rrm_hub.suites import WORST_CASE, AutoAttackPart, AutoAttackRun, worst_case
 
 from .conftest import ROOT, run_recipe
 
@@ -34,24 +33,38 @@ def loader(mnist):
 
 
 def test_an_undefended_model_falls_to_zero_under_pgd_and_apgd(undefended, loader):
-    attacks = {"pgd": pgd(0.3), "apgd-ce": TorchAttack("apgd-ce", 0.3, budget=20),
-               "apgd-t": TorchAttack("apgd-t", 0.3, budget=10), "apgd-l2": TorchAttack("apgd-ce", 3.0, "l2", 20)}
+    attacks = {"pgd": pgd(0.3), "apgd-ce": AutoAttackPart("apgd-ce", 0.3, budget=20),
+               "apgd-t": AutoAttackPart("apgd-t", 0.3, budget=10), "apgd-l2": AutoAttackPart("apgd-ce", 3.0, "l2", 20)}
     result = evaluate(undefended, loader, attacks)
     assert result["clean_accuracy"] > 0.85
     assert all(accuracy < 0.02 for accuracy in result["robust_accuracy"].values()), result
 
 
-def test_our_pgd_agrees_with_torchattacks_pgd(undefended, loader):
+def textbook_pgd(model, x, y, eps, steps):
+    """Madry et al.'s L-inf PGD, written out: a uniform random start, signed steps of 2.5 eps / steps, projection."""
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    for _ in range(steps):
+        delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + 2.5 * eps / steps * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1)
+
+
+def test_our_pgd_agrees_with_textbook_pgd_and_autoattack_is_stronger(undefended, loader):
     eps, steps = 0.1, 20
     ours = evaluate(undefended, loader, {"pgd": pgd(eps, steps=steps)})["robust_accuracy"]["pgd"]
-    reference = torchattacks.PGD(undefended, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
-    theirs = torch.cat([undefended(reference(x, y)).argmax(1) == y for x, y in loader]).float().mean().item()
+    theirs = torch.cat([undefended(textbook_pgd(undefended, x, y, eps, steps)).argmax(1) == y
+                        for x, y in loader]).float().mean().item()
     assert 0.2 < theirs < 0.8  # a budget where the attack's strength shows
     assert abs(ours - theirs) < 0.05
+    apgd = evaluate(undefended, loader, {"apgd": AutoAttackPart("apgd-ce", eps, budget=50)})["robust_accuracy"]
+    assert apgd["apgd"] <= ours + 0.02
 
 
-@pytest.mark.parametrize("kind,norm,eps", [("apgd-ce", "linf", 0.1), ("apgd-t", "l2", 1.0), ("square", "linf", 0.1)])
-def test_torchattacks_wrappers_stay_in_the_ball_and_leave_the_model_alone(undefended, loader, kind, norm, eps):
+@pytest.mark.parametrize("kind,norm,eps", [("apgd-ce", "linf", 0.1), ("apgd-t", "l2", 1.0), ("square", "linf", 0.1),
+                                           ("fab-t", "linf", 0.1)])
+def test_autoattack_parts_stay_in_the_ball_and_leave_the_model_alone(undefended, loader, kind, norm, eps):
     x, y = next(iter(loader))
     model = nn.Sequential(undefended, nn.Dropout(0.0)).train()
     model[0].eval()  # a mixed train / eval model must come back exactly as it was
@@ -61,11 +74,11 @@ def test_torchattacks_wrappers_stay_in_the_ball_and_leave_the_model_alone(undefe
     expected_draw = torch.rand(4)
     torch.manual_seed(3)
     try:
-        x_adv = TorchAttack(kind, eps, norm, budget=5)(model, x, y)
+        x_adv = AutoAttackPart(kind, eps, norm, budget=5)(model, x, y)
         assert [p.requires_grad for p in model.parameters()] == flags
     finally:
         undefended[0].weight.requires_grad_(True)
-    assert torch.equal(torch.rand(4), expected_draw)  # torchattacks' reseeding does not leak out
+    assert torch.equal(torch.rand(4), expected_draw)  # AutoAttack's reseeding does not leak out
     assert model.training and not model[0].training
     assert all(p.grad is None for p in model.parameters())
     delta = (x_adv - x).flatten(1)
@@ -148,14 +161,42 @@ QUICK_CHECKS = MaskingChecks(few_steps=10, many_steps=25, probe_queries=200)
 
 def test_an_honest_model_passes_the_checks(undefended, mnist):
     loader = make_loader(mnist, "test", 100, limit=100)
-    result = evaluate_suite(undefended, loader, 0.1, "linf", "standard", steps=10, queries=200, checks=QUICK_CHECKS)
+    result = evaluate_suite(undefended, loader, 0.05, "linf", "standard", checks=QUICK_CHECKS)
     robust = result["robust_accuracy"]
-    assert set(robust) == {"apgd-ce", "apgd-t", "square", WORST_CASE}
-    assert robust[WORST_CASE] <= min(robust["apgd-ce"], robust["apgd-t"], robust["square"])
+    assert list(robust) == ["apgd-ce", "apgd-t", "fab-t", "square", WORST_CASE]  # AutoAttack's order
+    after = list(robust.values())
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False)) and after[-1] == robust["square"]
     assert 0.1 < robust[WORST_CASE] < result["clean_accuracy"]
+    assert result["attack_package"].startswith("pyautoattack ") and result["autoattack_checks"] == []
     assert set(result["checks"]) == {"large_eps", "more_steps", "black_box", "monotone_in_eps"}
     assert all(check["passed"] for check in result["checks"].values()), result["checks"]
-    assert [p["eps"] for p in result["sweep"]] == [0.0, 0.1] and result["num_examples"] == 100
+    assert [p["eps"] for p in result["sweep"]] == [0.0, 0.05] and result["num_examples"] == 100
+
+
+def test_the_versions_run_autoattacks_attacks_in_its_order():
+    from rrm_hub import RRMError
+    from rrm_hub.suites import attack_suite
+
+    assert AutoAttackRun("standard", 0.3).attacks() == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert AutoAttackRun("plus", 0.3).attacks() == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert AutoAttackRun("rand", 2.0, "l2").attacks() == ["apgd-ce", "apgd-dlr"]
+    assert list(attack_suite("rand", 0.3)) == ["autoattack-rand"]
+    with pytest.raises(RRMError, match="fixed settings"):
+        attack_suite("standard", 0.3, steps=10)
+
+
+def test_the_standard_suite_is_autoattacks_own_run(undefended, mnist):
+    """One batch through the suite gives exactly what pyautoattack's run_standard_evaluation gives on it."""
+    from pyautoattack import AutoAttack
+
+    x, y = next(iter(make_loader(mnist, "test", 48, limit=48)))
+    stages = AutoAttackRun("standard", 0.05)(undefended, x, y)
+    ours = undefended(stages["square"]).argmax(1) == y
+    reference = AutoAttack(undefended, norm="Linf", eps=0.05, version="standard", seed=0)
+    x_adv, _ = reference.run_standard_evaluation(x, y, batch_size=48)
+    theirs = undefended(x_adv).argmax(1) == y
+    assert torch.equal(ours, theirs) and 0 < ours.sum() < len(y)
+    assert ((stages["square"] - x).abs().amax(dim=(1, 2, 3)) <= 0.05 + 1e-5).all()
 
 
 def test_a_gradient_masked_model_looks_robust_to_pgd_but_is_caught(undefended, loader, capsys):
@@ -200,12 +241,47 @@ def test_recipe_writes_metrics_and_plot(tmp_path, small_model):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_examples"] == 64 and metrics["suite"] == "standard" and metrics["eps"] == 0.3
     robust = metrics["robust_accuracy"]
-    assert set(robust) == {"apgd-ce", "apgd-t", "square", WORST_CASE}
+    assert set(robust) == {"apgd-ce", "apgd-t", "fab-t", "square", WORST_CASE}
     assert robust[WORST_CASE] <= min(robust["apgd-ce"], robust["apgd-t"], robust["square"])
+    assert metrics["attack_package"].startswith("pyautoattack") and isinstance(metrics["autoattack_checks"], list)
     assert [p["eps"] for p in metrics["sweep"]] == [0.0, 0.15, 0.3]
     assert metrics["sweep"][0]["accuracy"] == metrics["clean_accuracy"]
     assert set(metrics["checks"]) == {"large_eps", "more_steps", "black_box", "monotone_in_eps"}
     assert "worst_case" in result.stdout and "check black_box" in result.stdout
+
+
+def test_push_results_writes_the_numbers_into_the_models_own_card(tmp_path, small_model):
+    """--push-results --dry-run on a model in the Hugging Face cache: its card keeps what it had and gains the
+    measured model-index results; without --dry-run, offline, a one-line error."""
+    import os
+
+    from huggingface_hub import ModelCard
+
+    from .conftest import put_in_hub_cache
+
+    repo = tmp_path / "repo"
+    (repo).mkdir()
+    for name in ("config.json", "model.safetensors", "rrm_head.safetensors"):
+        (repo / name).write_bytes((small_model / name).read_bytes())
+    (repo / "README.md").write_text("---\nlicense: mit\nmodel-index:\n- name: small\n  results:\n  - task:\n"
+                                    "      type: image-classification\n    dataset:\n      name: cifar10\n"
+                                    "      type: cifar10\n    metrics:\n    - type: accuracy\n      value: 0.5\n"
+                                    "      name: top-1\n---\nA small model.\n")
+    put_in_hub_cache(repo, "someone/small", os.environ["HF_HOME"])
+    args = ["recipes/evaluate.py", "--model", "someone/small", "--n-examples", "16", "--steps", "2", "--no-checks",
+            "--push-results", "--output-dir", str(tmp_path / "eval")]
+    result = run_recipe([*args, "--dry-run"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = ModelCard(result.stdout[result.stdout.index("---\n"):])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values["top-1"] == 0.5 and card.data.license == "mit" and "A small model." in card.text
+    assert values["clean accuracy"] == round(metrics["clean_accuracy"], 4)
+    assert values["robust accuracy, PGD-2 (linf, eps=0.3)"] == round(metrics["robust_accuracy"]["worst_case"], 4)
+    offline = run_recipe(args)
+    assert offline.returncode == 2 and "cannot push while HF_HUB_OFFLINE=1" in offline.stderr
+    bad = run_recipe(["recipes/evaluate.py", "--dry-run"])
+    assert bad.returncode == 2 and "go with --push-results" in bad.stderr
 
 
 def test_recipe_bad_input_is_one_line():

@@ -63,8 +63,10 @@ def test_card_metadata_holds_the_measured_numbers(trained_folder):
     assert card.data.library_name == "timm"
     assert {"adversarial-robustness", "image-classification", "timm"} <= set(card.data.tags)
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
-    assert values["clean accuracy"] == pytest.approx(metrics["clean_accuracy"])
-    assert values["pgd2 accuracy (linf, eps=0.3)"] == pytest.approx(metrics["robust_accuracy"]["pgd2"])
+    assert values["clean accuracy"] == round(metrics["clean_accuracy"], 4)  # as measured, rounded
+    assert values["pgd2 accuracy (linf, eps=0.3)"] == round(metrics["robust_accuracy"]["pgd2"], 4)
+    assert card.data.model_name == "robust-vit"  # the --hub-model-id's name
+    assert "github.com/rrm-hub" not in card.text and "(https://huggingface.co/user/robust-vit)" in card.text
     assert all("48 images" in r.dataset_split for r in card.data.eval_results)
     text = card.text
     assert "robustness.png" in text and 'RRMStudent.from_pretrained("user/robust-vit")' in text
@@ -88,3 +90,19 @@ def test_bundled_teacher_is_a_hub_repo_with_a_card():
     assert upload_plan(DEFAULT_TEACHER)[:2] == ["config.json", "model.safetensors"]
     config = json.loads((DEFAULT_TEACHER / "config.json").read_text())
     assert "num_classes" not in config.get("model_args", {})
+
+
+def test_a_card_names_the_autoattack_package_and_its_checks(trained_folder):
+    from rrm_hub import DistillConfig
+    from rrm_hub.cards import render_card
+
+    metrics = json.loads((trained_folder / "metrics.json").read_text())
+    metrics.update(suite="standard", attack_package="pyautoattack 0.2.0", attack_steps=None,
+                   robust_accuracy={"apgd-ce": 0.46812, "square": 0.42217, "worst_case": 0.42217},
+                   autoattack_checks=["it seems to be a randomized defense!"])
+    context = {"dataset": "mnist-5k", "model_name": "x", "repo_id": "user/x", "config": DistillConfig()}
+    card = render_card("student", metrics, context)
+    assert "AutoAttack's standard version, run by the authors' code (pyautoattack 0.2.0)" in card.text
+    assert "AutoAttack's own checks warned: it seems to be a randomized defense!" in card.text
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values["robust accuracy, AutoAttack standard (pyautoattack 0.2.0) (linf, eps=0.3)"] == 0.4222
