@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rrm_hub import TrainConfig, cli, components, make_loader
-from rrm_hub.cards import PLOT_FILE, hardware, is_hub_id, plot_sweeps, save_json
+from rrm_hub.cards import PLOT_FILE, hardware, plot_sweeps, save_json
 from rrm_hub.checks import MaskingChecks
 from rrm_hub.errors import RRMError, one_line_errors
 from rrm_hub.evaluate import EvaluateConfig, evaluate_suite
@@ -66,8 +66,6 @@ def share_results(config: EvaluateConfig, metrics: dict, dataset: str) -> None:
     if config.dry_run:
         print(f"--- the card for {config.model.name or 'the bundled teacher'} (--dry-run: not pushed)\n{card.content}")
         return
-    if not is_hub_id(config.model.name):
-        raise RRMError("--push-results writes to a Hub repo: give --model as org/name, or add --dry-run")
     print(f"pushed: {push_results(card, config.model.name, create_pr=not config.no_pr)}")
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attacks import Attack, Norm, pgd
+from .cards import is_hub_id
 from .checks import MaskingChecks, run_checks, warn_failed_checks
 from .config import DataConfig, EvaluatedModel, RunConfig
 from .errors import RRMError
@@ -267,6 +268,8 @@ class EvaluateConfig(RunConfig):
         check_steps(self.suite, self.steps)
         if (self.no_pr or self.dry_run) and not self.push_results:
             raise RRMError("--no-pr and --dry-run go with --push-results; add it or drop them")
+        if self.push_results and not self.dry_run and not is_hub_id(self.model.name):
+            raise RRMError("--push-results writes to a Hub repo: give --model as org/name, or add --dry-run")
 
     @property
     def resolved_eps(self) -> float:
