@@ -66,7 +66,8 @@ def share_results(config: EvaluateConfig, metrics: dict, dataset: str) -> None:
     if config.dry_run:
         print(f"--- the card for {config.model.name or 'the bundled teacher'} (--dry-run: not pushed)\n{card.content}")
         return
-    print(f"pushed: {push_results(card, config.model.name, create_pr=not config.no_pr)}")
+    url = push_results(card, config.model.name, create_pr=not config.no_pr, revision=config.model.revision)
+    print(f"pushed: {url}")
 
 
 def print_summary(metrics: dict, output_dir: Path) -> None:

@@ -145,6 +145,11 @@ def evaluate_suite(
     }
     if autoattack:
         found = sorted({w for run in attacks.values() for w in run.warnings})
+        names = list(at_eps)
+        if "square" in names and names.index("square") > 0:  # AutoAttack's check_square_sr, on the whole set
+            before = accuracy(hits[at_eps[names[names.index("square") - 1]]])
+            if result["robust_accuracy"]["square"] < before - 0.002:
+                found.append(f"Square Attack has decreased the robust accuracy of {before - result['robust_accuracy']['square']:.2%}. This might indicate that the robustness evaluation using AutoAttack is unreliable.")  # noqa: E501
         result["attack_package"], result["autoattack_checks"] = autoattack_version(), found
         for warning in found if accelerator is None or accelerator.is_main_process else []:
             print(f"WARNING: AutoAttack's check: {warning}", flush=True)

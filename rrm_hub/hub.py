@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -80,6 +81,9 @@ def results_card(model: str | None, metrics: dict, dataset: str, revision: str |
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise RRMError(f"the card of '{model}' is not in the local Hugging Face cache; go online once, or give a "
                        "local folder") from None
+    except (ValueError, yaml.YAMLError) as err:
+        raise RRMError(f"the card of '{model}' has unreadable metadata ({str(err).splitlines()[0][:120]}); fix its "
+                       "README.md first") from None
     if card is None:
         card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
     name = str(model or "model").rstrip("/").split("/")[-1]

@@ -59,8 +59,9 @@ def untouched(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     """Run an attack that may reseed torch, switch module modes or leave gradients on the parameters (FAB calls
     backward), leaving all three as they were."""
     modes = [module.training for module in model.modules()]
-    grads = [param.grad for param in model.parameters()]
+    grads = [None if param.grad is None else param.grad.clone() for param in model.parameters()]
     devices = [x.device] if x.device.type != "cpu" else []
+    model.eval()  # attacked as evaluated: no dropout, batch-norm statistics untouched
     try:
         with torch.random.fork_rng(devices=devices, device_type=x.device.type):
             yield
@@ -87,14 +88,15 @@ class _Collect(logging.Handler):
 @contextlib.contextmanager
 def autoattack_warnings(into: list[str]) -> Iterator[None]:
     logger = logging.getLogger("auto-attack")
-    handler, propagate = _Collect(into), logger.propagate
+    handler, propagate, level = _Collect(into), logger.propagate, logger.level
     logger.addHandler(handler)
     logger.propagate = False  # reported in metrics.json and on the card, not as stray log lines
+    logger.setLevel(logging.WARNING)  # whatever the root logger's level
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.propagate = propagate
+        logger.propagate, logger.level = propagate, level
 
 
 @dataclass
@@ -122,16 +124,19 @@ class AutoAttackRun:
         with untouched(model, x), autoattack_warnings(self.warnings):
             runner = _autoattack(model, self.eps, self.norm, self.version, self.seed, x.device)
             with torch.no_grad():
-                robust = model(x).argmax(dim=1) == y
+                logits = model(x)
+            robust = logits.argmax(dim=1) == y
+            if self.version != "rand" and logits.shape[1] < 10:
+                raise RRMError(f"AutoAttack's {self.version} version attacks 9 target classes; the model has "
+                               f"{logits.shape[1]}: use --suite rand or --suite pgd")
             x_adv, stages = x.clone(), {}
             for attack in tqdm(list(runner.attacks_to_run), desc=self.name, leave=False,
                                disable=not PartialState().is_local_main_process):
                 runner.attacks_to_run = [attack]  # the version's settings stay; one attack at a time
                 index = robust.nonzero().flatten()
                 if len(index):
-                    moved, _ = runner.run_standard_evaluation(x[index], y[index], batch_size=len(index))
-                    with torch.no_grad():
-                        fooled = model(moved).argmax(dim=1) != y[index]
+                    moved, y_adv = runner.run_standard_evaluation(x[index], y[index], batch_size=len(index))
+                    fooled = y_adv.to(y.device) != y[index]  # AutoAttack's own verdict, as its cascade keeps it
                     x_adv[index[fooled]], robust[index[fooled]] = moved[fooled], False
                 stages[attack] = x_adv.clone()
         return stages
@@ -159,10 +164,11 @@ class AutoAttackPart:
         return self.kind
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.eps == 0:
+        if self.eps == 0 or not len(x):
             return x.detach()
         with untouched(model, x), autoattack_warnings([]):
             runner = _autoattack(model, self.eps, self.norm, "custom", self.seed, x.device, [self.kind])
+            runner.apgd.n_restarts = runner.fab.n_restarts = 1  # `budget` iterations, one run
             runner.apgd.n_iter = runner.apgd_targeted.n_iter = runner.fab.n_iter = self.budget
             runner.square.n_queries = self.budget
             x_adv, _ = runner.run_standard_evaluation(x.detach(), y.detach(), batch_size=len(x))

@@ -311,3 +311,24 @@ def test_recipe_evaluates_a_bare_weight_file(tmp_path):
                          "--model-kwargs", *kwargs, "--n-examples", "16", "--no-checks", "--steps", "2",
                          "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_autoattack_edges_are_handled(undefended):
+    import logging
+
+    from rrm_hub import RRMError
+    from rrm_hub.suites import autoattack_warnings
+
+    empty = torch.zeros(0, 1, 28, 28)
+    assert AutoAttackPart("apgd-ce", 0.1)(undefended, empty, torch.zeros(0, dtype=torch.long)).shape == empty.shape
+    three = nn.Sequential(nn.Flatten(), nn.Linear(784, 3))
+    with pytest.raises(RRMError, match="attacks 9 target classes; the model has 3"):
+        AutoAttackRun("standard", 0.1)(three, torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+    root, caught = logging.getLogger(), []
+    level, root.level = root.level, logging.ERROR
+    try:
+        with autoattack_warnings(caught):
+            logging.getLogger("auto-attack").warning("it seems to be a randomized defense!")
+    finally:
+        root.level = level
+    assert caught == ["it seems to be a randomized defense!"]
