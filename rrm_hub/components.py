@@ -4,6 +4,7 @@ per-epoch check, perturbation memory, teacher cache, and what ends training (the
 from __future__ import annotations
 
 import errno
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -14,8 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import DataConfig, EvalConfig, RRMConfig, TrainConfig
-from .data import ImageData, load_image_data, make_loader
+from .data import ImageData, ModelInput, load_image_data, make_loader
 from .errors import RRMError
+from .sections import MAX_EPOCH_CHECKS
 
 
 def make_accelerator(training: TrainConfig) -> Accelerator:
@@ -52,11 +54,13 @@ def output_folder(path: str | Path) -> Path:
     return path
 
 
-def load_data(data: DataConfig, seed: int, holdout: int = 0) -> ImageData:
-    """The dataset the data settings name, with `holdout` seeded training images moved out of its training split."""
+def load_data(data: DataConfig, seed: int, holdout: int = 0, model_input: ModelInput | None = None) -> ImageData:
+    """The dataset the data settings name, seen as `model_input` says (the model's own size and crop, for natural
+    images), with `holdout` seeded training images moved out of its training split."""
     images = load_image_data(data.dataset, config=data.dataset_config, image_column=data.image_column,
                              label_column=data.label_column, train_split=data.train_split,
-                             test_split=data.test_split, image_size=data.image_size, seed=seed)
+                             test_split=data.test_split, image_size=data.image_size, seed=seed,
+                             augment=data.augment, model_input=model_input)
     return images.hold_out(holdout, seed) if holdout else images
 
 
@@ -65,24 +69,68 @@ def train_loader(images: ImageData, data: DataConfig, training: TrainConfig, aug
     """The shuffled training loader; `augment=False` drops --pad and --hflip. Its batches carry the images' origins
     where `objective` uses them (a perturbation memory)."""
     return make_loader(images, "train", training.batch_size, augment=augment, seed=training.seed, pad=data.pad,
-                       hflip=data.hflip, num_workers=data.num_workers,
+                       hflip=data.hflip, num_workers=data.num_workers, auto_augment=data.auto_augment,
                        origins=bool(getattr(objective, "uses_origins", False)))
 
 
-def test_loader(images: ImageData, batch_size: int, limit: int) -> DataLoader:
+def test_loader(images: ImageData, batch_size: int, limit: int | None) -> DataLoader:
     return make_loader(images, "test", batch_size, limit=limit)
+
+
+def evaluation_loaders(images: ImageData, evaluation: EvalConfig,
+                       batch_size: int) -> tuple[DataLoader, DataLoader | None]:
+    """The test loaders of the final numbers and of the epsilon sweep (None: no sweep) for scaled settings
+    (`evaluation_for_run`)."""
+    sweep = test_loader(images, batch_size, evaluation.sweep_examples) if evaluation.sweeps else None
+    return test_loader(images, batch_size, evaluation.eval_examples), sweep
+
+
+def images_trained(images: ImageData, training: TrainConfig, processes: int = 1) -> int:
+    """How many training images a run's steps go through: its epochs, or fewer under --max-steps."""
+    planned = training.epochs * len(images.train)
+    if training.max_steps:
+        planned = min(planned, training.max_steps * training.batch_size * training.grad_accum * processes)
+    return planned
+
+
+def evaluation_for_run(evaluation: EvalConfig, images: ImageData, training: TrainConfig,
+                       accelerator: Accelerator) -> EvalConfig:
+    """The evaluation settings scaled to the run (`EvalConfig.for_run`); a line says what a smoke run leaves out."""
+    trained = images_trained(images, training, accelerator.num_processes)
+    scaled = evaluation.for_run(trained)
+    if scaled.no_checks and not evaluation.no_checks:
+        accelerator.print(f"smoke run ({trained} images trained): final numbers on {scaled.eval_examples} test "
+                          "images, no per-epoch check, epsilon sweep or gradient-masking checks")
+    return scaled
+
+
+class Periodic:
+    """A per-epoch check run every `period` epochs and at epoch `last` (others record nothing); the check's own
+    methods (`BestEpoch.restore`) pass through."""
+
+    def __init__(self, check, period: int, last: int):
+        self.check, self.period, self.last = check, period, last
+
+    def __call__(self, epoch: int, model: nn.Module) -> dict:
+        due = (epoch + 1) % self.period == 0 or epoch + 1 >= self.last
+        return self.check(epoch, model) if due else {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.check, name)
 
 
 def epoch_check(images: ImageData, evaluation: EvalConfig, training: TrainConfig, accelerator: Accelerator,
                 save_best: bool = True):
     """The per-epoch check the settings ask for (clean and PGD-10 on a few test images, or on the held-out training
-    images), or None; with --keep-best a `BestEpoch` that also keeps the most robust epoch's weights (on disk
-    beside the checkpoints, so that --resume keeps the choice, unless `save_best` is False)."""
+    images; at most `MAX_EPOCH_CHECKS` times a run, always after the last epoch), or None; with --keep-best a
+    `BestEpoch` that also keeps the most robust epoch's weights (on disk beside the checkpoints, so that --resume
+    keeps the choice, unless `save_best` is False). Defaults left open are scaled to the run first."""
     from .attacks import pgd
     from .checkpoints import resolve as resolve_checkpoint
     from .evaluate import epoch_check as make_check
     from .selection import BestEpoch
 
+    evaluation = evaluation.for_run(images_trained(images, training, accelerator.num_processes))
     if not evaluation.epoch_eval_examples:
         return None
     held_out = images.holdout is not None
@@ -90,11 +138,12 @@ def epoch_check(images: ImageData, evaluation: EvalConfig, training: TrainConfig
                          limit=None if held_out else evaluation.epoch_eval_examples)
     attack = pgd(evaluation.eps, evaluation.norm, 10)
     check = make_check(loader, attack, accelerator)
-    if not evaluation.keep_best:
-        return check
-    root = Path(training.output_dir) / "checkpoints" if save_best and training.output_dir else None
-    previous = resolve_checkpoint(training.resume, root).parent if training.resume and root else None
-    return BestEpoch(check, attack.name, root, previous, main_process=accelerator.is_main_process)
+    epochs = math.ceil(images_trained(images, training, accelerator.num_processes) / len(images.train))
+    if evaluation.keep_best:
+        root = Path(training.output_dir) / "checkpoints" if save_best and training.output_dir else None
+        previous = resolve_checkpoint(training.resume, root).parent if training.resume and root else None
+        check = BestEpoch(check, attack.name, root, previous, main_process=accelerator.is_main_process)
+    return Periodic(check, math.ceil(epochs / MAX_EPOCH_CHECKS), epochs)
 
 
 def finish_training(model: nn.Module, run: dict, check, evaluation: EvalConfig, accelerator: Accelerator):
@@ -117,13 +166,20 @@ def report_options(evaluation: EvalConfig, accelerator: Accelerator) -> dict:
             "sweep_steps": evaluation.sweep_steps}
 
 
-def perturbation_memory(method: str, images: ImageData, rrm: RRMConfig | None = None):
+def perturbation_memory(method: str, images: ImageData, rrm: RRMConfig | None = None, log=print):
     """The `PerturbationMemory` that `method` carries over epochs for the training images (ATTA-AT's, and RRM's with
-    `--match-start previous`), or None."""
+    `--match-start previous`), or None. Where RRM's cannot be kept (too large, or random-resized crops), RRM starts
+    its attacks at random instead, and `log` says why in one line."""
     from .memory import PerturbationMemory
 
     carried = method == "atta_at" or (method == "rrm" and rrm is not None and rrm.carried)
-    return PerturbationMemory.for_training_images(images) if carried else None
+    if not carried:
+        return None
+    reason = PerturbationMemory.unavailable(images)
+    if method == "rrm" and reason and rrm.attack != "free":
+        log(f"--match-start random instead of previous: {reason}")
+        return None
+    return PerturbationMemory.for_training_images(images)
 
 
 def teacher_cache(teacher: nn.Module, layer: str, images: ImageData, batch_size: int, revision: str | None,

@@ -173,10 +173,10 @@ class RunConfig:
             raise RRMError("--push-to-hub needs --hub-model-id user/name")
         if evaluation is not None:
             check_steps(evaluation.suite, evaluation.eval_steps)
-            if evaluation.keep_best and not (evaluation.holdout and evaluation.epoch_eval_examples):
+            if evaluation.keep_best and not (evaluation.holdout and evaluation.epoch_eval_examples != 0):
                 raise RRMError("--keep-best chooses an epoch by its robust accuracy on held-out training images: add "
                                "--holdout N (e.g. 500), and keep --epoch-eval-examples above 0")
-            if evaluation.holdout and not evaluation.epoch_eval_examples:
+            if evaluation.holdout and evaluation.epoch_eval_examples == 0:
                 raise RRMError("--holdout keeps images out of training for the per-epoch check, which "
                                "--epoch-eval-examples 0 turns off: drop one of them")
         student = getattr(self, "student", None)

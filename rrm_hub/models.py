@@ -157,3 +157,21 @@ def save_timm_folder(model: nn.Module, folder: str, model_args: dict, label_name
     config = json.loads(path.read_text())
     config.get("model_args", {}).pop("num_classes", None)
     path.write_text(json.dumps(config, indent=2))
+
+
+def model_input(architecture: str, model_args: dict | None = None):
+    """The images timm model `architecture` expects (`rrm_hub.data.ModelInput`: size, evaluation crop,
+    interpolation), read from a copy built on the meta device (no memory, no weights)."""
+    import timm
+
+    from .data import ModelInput
+    from .errors import RRMError
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(architecture, pretrained=False, num_classes=0, **(model_args or {}))
+    except (RuntimeError, TypeError) as err:
+        raise RRMError(f"timm cannot build '{architecture}' ({err}); see timm.list_models()") from None
+    config = data_config(model)
+    return ModelInput(tuple(config["input_size"][1:]), float(config.get("crop_pct") or 0.875),
+                      config.get("interpolation") or "bicubic")

@@ -22,6 +22,8 @@ from .features import default_layer, feature_width
 from .features import list_layers as layer_shapes
 from .hub import push_folder
 from .methods import make_objective
+from .models import model_input
+from .names import resolve_model_name
 from .objectives import RRM
 from .student import RRMStudent
 from .train import train
@@ -69,8 +71,14 @@ def setup(config: DistillConfig) -> Setup:
     accelerator = components.make_accelerator(config.training)
     output_dir = components.output_folder(config.training.output_dir)
 
-    # data: [0, 1] pixels, normalization lives inside each model
-    images = components.load_data(config.data, config.training.seed, config.eval.holdout)
+    # data: [0, 1] pixels at the student's own size for natural images; normalization lives inside each model
+    name, student_args = config.student.spec()
+    name = resolve_model_name(name, "--student", accelerator.print)
+    images = components.load_data(config.data, config.training.seed, config.eval.holdout,
+                                  model_input(name, student_args))
+    if config.rrm.cache_teacher and images.augment == "timm":
+        raise RRMError("--cache-teacher needs the training images unaugmented, not random-resized crops: add "
+                       "--augment none, or drop --cache-teacher")
     sample = torch.zeros(2, images.channels, *images.image_size, device=accelerator.device)
 
     # teacher: any robust model, frozen; its representation is tapped with forward hooks
@@ -93,11 +101,11 @@ def setup(config: DistillConfig) -> Setup:
     accelerator.print(f"teacher {teacher.source}: layer '{teacher_layer}', width {feature_dim}")
 
     # student: timm backbone + projection to the teacher's width + classifier on the projection
-    name, student_args = config.student.spec()
     student = RRMStudent.for_teacher(
         name, feature_dim=feature_dim, num_classes=images.num_classes, model_args=student_args,
         input_size=(images.channels, *images.image_size), student_layer=None if pairs else config.student.layer,
-        pairs=pairs, label_names=images.class_names, teacher=teacher.source, teacher_layer=teacher_layer)
+        pairs=pairs, label_names=images.class_names, teacher=teacher.source, teacher_layer=teacher_layer,
+        pretrained_backbone=config.student.pretrained, crop_pct=images.crop_pct)
     for pair in student.pairs:
         grid = f"on a {pair.grid[0]}x{pair.grid[1]} grid" if pair.grid else "as vectors"
         accelerator.print(f"match {pair.name} (weight {pair.weight:g}, teacher {tuple(pair.teacher_shape)}, {grid})")
@@ -108,7 +116,8 @@ def setup(config: DistillConfig) -> Setup:
 def rrm_objective(prepared: Setup) -> RRM:
     """The RRM objective of the run: the teacher's targets (live or cached), the matching inputs, the loss."""
     config = prepared.config
-    memory = components.perturbation_memory("rrm", prepared.images, config.rrm)  # --match-start previous
+    memory = components.perturbation_memory("rrm", prepared.images, config.rrm,  # --match-start previous
+                                            prepared.accelerator.print)
     cache = (components.teacher_cache(prepared.teacher, prepared.teacher_layer, prepared.images,
                                       config.training.batch_size, config.teacher.revision, config.data.num_workers,
                                       prepared.accelerator) if config.rrm.cache_teacher else None)
@@ -134,10 +143,10 @@ def distill(config: DistillConfig) -> RunResult:
     student, selected = components.finish_training(prepared.student, run, check, config.eval, accelerator)
     objective.remove()
 
-    # evaluate student and teacher the same way
-    test_loader = components.test_loader(images, config.training.batch_size, config.eval.eval_examples)
-    sweep_loader = components.test_loader(images, config.training.batch_size, config.eval.sweep_examples)
-    options = components.report_options(config.eval, accelerator)
+    # evaluate student and teacher the same way, at a cost scaled to the run
+    evaluation = components.evaluation_for_run(config.eval, images, config.training, accelerator)
+    test_loader, sweep_loader = components.evaluation_loaders(images, evaluation, config.training.batch_size)
+    options = components.report_options(evaluation, accelerator)
     result = robustness_report(student, test_loader, sweep_loader, **options)
     teacher_result = (robustness_report(prepared.teacher, test_loader, sweep_loader, **options)
                       if prepared.labels_match else None)
@@ -185,10 +194,12 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
     output_dir = components.output_folder(config.training.output_dir)
 
     # data and model: the model takes [0, 1] pixels, normalization inside
-    images = components.load_data(config.data, config.training.seed, config.eval.holdout)
     model_args = parse_kwargs(config.model.kwargs)
-    model = create_pixel_model(config.model.name, images.num_classes, (images.channels, *images.image_size),
-                               model_args, images.class_names)
+    name = resolve_model_name(config.model.name, "--model", accelerator.print)
+    images = components.load_data(config.data, config.training.seed, config.eval.holdout,
+                                   model_input(name, model_args))
+    model = create_pixel_model(name, images.num_classes, (images.channels, *images.image_size), model_args,
+                               images.class_names)
 
     # the objective: cross-entropy on adversarial examples from the one attack implementation
     objective = make_objective(config.method, eps=config.eval.eps, norm=config.eval.norm,
@@ -200,10 +211,9 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
     loader = components.train_loader(images, config.data, config.training, objective=objective)
     run = train(model, objective, loader, accelerator, config.training, check)
     model, selected = components.finish_training(model, run, check, config.eval, accelerator)
-    report = robustness_report(
-        model, components.test_loader(images, config.training.batch_size, config.eval.eval_examples),
-        components.test_loader(images, config.training.batch_size, config.eval.sweep_examples),
-        **components.report_options(config.eval, accelerator))
+    evaluation = components.evaluation_for_run(config.eval, images, config.training, accelerator)
+    report = robustness_report(model, *components.evaluation_loaders(images, evaluation, config.training.batch_size),
+                               **components.report_options(evaluation, accelerator))
 
     metrics = {**report, "method": config.method, "model": config.model.name, "model_args": model_args,
                **run_facts(run, selected, images, config, accelerator), "history": run["history"]}

@@ -5,7 +5,7 @@ each setting with its help, flag and bounds (`rrm_hub.settings.setting`). Run co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 from .align import MatchMode
@@ -13,9 +13,15 @@ from .attacks import Norm
 from .errors import RRMError
 from .settings import parse_kwargs, setting
 from .suites import SUITE_HELP, Suite
+from .transforms import SMALL_IMAGES, Augment
 
 DEFAULT_STUDENT = "vit_tiny_patch16_224"
 DEFAULT_STUDENT_KWARGS = ["img_size=28", "patch_size=7", "depth=4", "embed_dim=96", "num_heads=3"]
+FULL_RUN_IMAGES = 40_000
+"""A run training on this many images (all its steps) or more is evaluated in full (`EvalConfig.for_run`)."""
+SMOKE_RUN_IMAGES = 5_000
+MIN_EVAL_IMAGES = 16
+MAX_EPOCH_CHECKS = 20
 
 
 @dataclass
@@ -28,10 +34,18 @@ class DataConfig:
     label_column: str | None = setting(None, "label column (default: found from the features)")
     train_split: str = setting("train", "training split")
     test_split: str | None = setting(None, "default: test or validation, else 20% of train")
-    image_size: int | None = setting(None, "resize images to this size (default: as is)", ge=1)
-    pad: int = setting(2, "random-shift augmentation in pixels (0: none)", ge=0)
-    hflip: bool = setting(False, "random horizontal flips (not for digits)")
-    num_workers: int = setting(0, "data loader worker processes", ge=0)
+    image_size: int | None = setting(None, "train and evaluate at this size (default: the images' own size for "
+                                     "--augment shift|none; the student's input size for --augment timm)", ge=1)
+    augment: Augment = setting("auto", "training augmentation: timm (timm's random-resized crop, flip and color "
+                               "jitter, or --auto-augment; evaluation resized by the student's crop_pct and center-"
+                               "cropped), shift (zero-fill shifts of --pad pixels and --hflip, for digits and other "
+                               f"small images), none; auto: shift for images up to {SMALL_IMAGES} px, else timm")
+    auto_augment: str | None = setting(None, "timm AutoAugment / RandAugment policy for --augment timm, e.g. "
+                                       "rand-m9-mstd0.5-inc1")
+    pad: int = setting(2, "random-shift augmentation in pixels (0: none) of --augment shift", ge=0)
+    hflip: bool = setting(False, "random horizontal flips of --augment shift (not for digits)")
+    num_workers: int | None = setting(None, "data loader worker processes (default: the CPU cores for each process, "
+                                      "up to 8; 0: load in the main process)", ge=0)
 
 
 @dataclass
@@ -81,12 +95,16 @@ class EvaluatedModel(ModelSource):
 @dataclass
 class StudentConfig:
     TITLE: ClassVar[str] = "student"
-    FLAGS: ClassVar[dict[str, str]] = {"name": "--student", "kwargs": "--student-kwargs", "layer": "--student-layer"}
-    name: str | None = setting(None, f"timm architecture (default: {DEFAULT_STUDENT} with "
-                               f"{' '.join(DEFAULT_STUDENT_KWARGS)})")
+    FLAGS: ClassVar[dict[str, str]] = {"name": "--student", "kwargs": "--student-kwargs", "layer": "--student-layer",
+                                       "pretrained": "--student-pretrained"}
+    name: str | None = setting(None, f"timm architecture, as timm names it (vit_small, vit_small_patch16_224, "
+                               "vit_small_patch16_224.augreg_in21k_ft_in1k, hf-hub:org/name; default: "
+                               f"{DEFAULT_STUDENT} with {' '.join(DEFAULT_STUDENT_KWARGS)})")
     kwargs: list[str] | None = setting(None, "key=value for timm.create_model", nargs="*")
     layer: str | None = setting(None, "module of the student to match (default: its projected penultimate "
                                 "representation)")
+    pretrained: bool = setting(False, "start the backbone from the pretrained weights of its timm tag (from the "
+                               "Hugging Face cache or the Hub)")
 
     def resolved(self) -> tuple[str, list[str]]:
         """The architecture and its key=value kwargs; the default kwargs go with the default student only."""
@@ -179,18 +197,44 @@ class EvalConfig:
     suite: Suite = setting("pgd", SUITE_HELP)
     eval_steps: int | None = setting(None, "steps of PGD for --suite pgd (default 20)", ge=1)
     no_checks: bool = setting(False, "skip the gradient-masking checks")
-    eval_examples: int = setting(500, "test images for the final numbers and the gradient-masking checks (0: all)",
-                                 ge=0)
-    sweep_examples: int = setting(500, "test images for the epsilon sweep", ge=0)
+    eval_examples: int | None = setting(None, "test images for the final numbers and the gradient-masking checks "
+                                        "(0: all; default: 500, scaled down for short runs)", ge=0)
+    sweep_examples: int | None = setting(None, "test images for the epsilon sweep (0: no sweep; default: 250, "
+                                         "scaled down for short runs, none for smoke runs)", ge=0)
     eps_sweep: list[float] | None = setting(None, "epsilons of the sweep, as in recipes/evaluate.py (default: 0.25, "
                                             "0.5, 0.75, 1 and 1.5 x --eps)", nargs="+", ge=0)
     sweep_steps: int = setting(10, "PGD steps of the epsilon sweep", ge=1)
-    epoch_eval_examples: int = setting(256, "test images for the per-epoch check (0: no per-epoch check; with "
-                                       "--holdout the check runs on all held-out images)", ge=0)
+    epoch_eval_examples: int | None = setting(None, "test images for the per-epoch check, run at most "
+                                              f"{MAX_EPOCH_CHECKS} times a run (0: no per-epoch check; default: 256, "
+                                              "scaled down for short runs, none for smoke runs; with --holdout "
+                                              "the check runs on all held-out images)", ge=0)
     holdout: int = setting(0, "hold this many training images out of training (seeded); the per-epoch check then "
                            "runs on all of them instead of on test images", ge=0)
     keep_best: bool = setting(False, "end with the weights of the epoch whose per-epoch check had the highest robust "
                               "accuracy (against robust overfitting; needs --holdout)")
+
+    def for_run(self, images_trained: int) -> EvalConfig:
+        """These settings with the defaults left open scaled to a run that trains on `images_trained` images (the
+        images of all its steps): full for runs of at least 40,000 images, proportionally fewer (at
+        least 16) for shorter ones; a smoke run (under 5,000 images) skips the per-epoch check, the sweep and the
+        gradient-masking checks.
+        Values given are kept."""
+        scale = min(1.0, images_trained / FULL_RUN_IMAGES)
+        smoke = images_trained < SMOKE_RUN_IMAGES
+
+        def scaled(value: int | None, default: int) -> int:
+            return value if value is not None else max(MIN_EVAL_IMAGES, round(default * scale))
+
+        return replace(self, eval_examples=scaled(self.eval_examples, 500),
+                       sweep_examples=0 if smoke and self.sweep_examples is None else scaled(self.sweep_examples, 250),
+                       epoch_eval_examples=(0 if smoke and self.epoch_eval_examples is None and not self.keep_best
+                                            else scaled(self.epoch_eval_examples, 256)),
+                       no_checks=self.no_checks or smoke)
+
+    @property
+    def sweeps(self) -> bool:
+        """Whether the run measures accuracy versus epsilon (not on a smoke run: `for_run`)."""
+        return self.sweep_examples != 0
 
 
 @dataclass

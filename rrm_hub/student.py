@@ -25,6 +25,7 @@ from . import align
 from .errors import RRMError
 from .features import FeatureTap, classifier_name, pool
 from .models import PixelPreprocess, data_config, per_channel
+from .names import near_names
 
 HEAD_FILE = "rrm_head.safetensors"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,10 +38,19 @@ def create_backbone(architecture: str, model_args: dict, pretrained: bool = Fals
         return timm.create_model(architecture, pretrained=pretrained, num_classes=0, **model_args)
     except RuntimeError as err:
         if "Unknown model" in str(err) or "Invalid model" in str(err):
-            near = timm.list_models(f"*{architecture.split('_')[0]}*")[:5]
+            near = near_names(architecture)
             raise RRMError(f"timm has no model '{architecture}' (near: {', '.join(near) or 'none'}); "
                            "see timm.list_models()") from None
+        if pretrained and "pretrained" in str(err).lower():
+            raise RRMError(f"timm has no pretrained weights for '{architecture}'; name a tag that has some "
+                           "(timm.list_pretrained()) or drop --student-pretrained") from None
         raise
+    except (OSError, ValueError) as err:  # huggingface_hub: not in the cache and offline, or not on the Hub
+        if not pretrained:
+            raise
+        raise RRMError(f"cannot get the pretrained weights of '{architecture}' ({type(err).__name__}); offline they "
+                       "must be in the Hugging Face cache: download them once online, or drop --student-pretrained"
+                       ) from None
     except TypeError as err:
         raise RRMError(f"bad --student-kwargs for '{architecture}': {err}") from None
 
@@ -91,10 +101,12 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         teacher: str | None = None,
         teacher_layer: str | None = None,
         pretrained_backbone: bool = False,
+        crop_pct: float = 1.0,
     ) -> RRMStudent:
         """A student whose matched representation has the teacher's width `feature_dim`.
 
-        The backbone's own width (and `student_layer`'s) is found by one dry forward pass. `pairs`
+        The backbone's own width (and `student_layer`'s) is found by one dry forward pass; `pretrained_backbone`
+        starts it from the weights of its timm tag; `crop_pct` is the evaluation crop its images had. `pairs`
         (`rrm_hub.align.teacher_pairs`) instead match several layers; the dry run gives each its common grid.
         """
         if pairs and student_layer:
@@ -118,7 +130,7 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
                 "interpolation": data.get("interpolation", "bilinear"),
                 "mean": per_channel(data["mean"], channels),
                 "std": per_channel(data["std"], channels),
-                "crop_pct": 1.0,
+                "crop_pct": crop_pct,
                 "crop_mode": "center",
                 "num_classes": num_classes,
                 "classifier": classifier_name(probe),
