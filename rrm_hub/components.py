@@ -18,6 +18,7 @@ from .config import DataConfig, EvalConfig, RRMConfig, TrainConfig
 from .data import ImageData, ModelInput, load_image_data, make_loader
 from .errors import RRMError
 from .sections import MAX_EPOCH_CHECKS
+from .streaming import stream_length
 
 
 def make_accelerator(training: TrainConfig) -> Accelerator:
@@ -60,17 +61,24 @@ def load_data(data: DataConfig, seed: int, holdout: int = 0, model_input: ModelI
     images = load_image_data(data.dataset, config=data.dataset_config, image_column=data.image_column,
                              label_column=data.label_column, train_split=data.train_split,
                              test_split=data.test_split, image_size=data.image_size, seed=seed,
-                             augment=data.augment, model_input=model_input)
+                             augment=data.augment, model_input=model_input, streaming=data.streaming)
     return images.hold_out(holdout, seed) if holdout else images
 
 
 def train_loader(images: ImageData, data: DataConfig, training: TrainConfig, augment: bool = True,
                  objective=None) -> DataLoader:
-    """The shuffled training loader; `augment=False` drops --pad and --hflip. Its batches carry the images' origins
-    where `objective` uses them (a perturbation memory)."""
+    """The shuffled training loader; `augment=False` drops the training augmentation. Its batches carry the images'
+    origins where `objective` uses them (a perturbation memory)."""
+    stream = (stream_length(images, training.batch_size, training.max_steps, training.grad_accum, world_size())
+              if images.streaming else None)
     return make_loader(images, "train", training.batch_size, augment=augment, seed=training.seed, pad=data.pad,
                        hflip=data.hflip, num_workers=data.num_workers, auto_augment=data.auto_augment,
-                       origins=bool(getattr(objective, "uses_origins", False)))
+                       origins=bool(getattr(objective, "uses_origins", False)), shuffle_buffer=data.shuffle_buffer,
+                       stream_images=stream)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def test_loader(images: ImageData, batch_size: int, limit: int | None) -> DataLoader:
@@ -87,7 +95,9 @@ def evaluation_loaders(images: ImageData, evaluation: EvalConfig,
 
 def images_trained(images: ImageData, training: TrainConfig, processes: int = 1) -> int:
     """How many training images a run's steps go through: its epochs, or fewer under --max-steps."""
-    planned = training.epochs * len(images.train)
+    size = images.train_size or stream_length(images, training.batch_size, training.max_steps, training.grad_accum,
+                                              processes)
+    planned = training.epochs * size
     if training.max_steps:
         planned = min(planned, training.max_steps * training.batch_size * training.grad_accum * processes)
     return planned
@@ -138,7 +148,8 @@ def epoch_check(images: ImageData, evaluation: EvalConfig, training: TrainConfig
                          limit=None if held_out else evaluation.epoch_eval_examples)
     attack = pgd(evaluation.eps, evaluation.norm, 10)
     check = make_check(loader, attack, accelerator)
-    epochs = math.ceil(images_trained(images, training, accelerator.num_processes) / len(images.train))
+    size = images.train_size or images_trained(images, training, accelerator.num_processes)
+    epochs = math.ceil(images_trained(images, training, accelerator.num_processes) / size)
     if evaluation.keep_best:
         root = Path(training.output_dir) / "checkpoints" if save_best and training.output_dir else None
         previous = resolve_checkpoint(training.resume, root).parent if training.resume and root else None

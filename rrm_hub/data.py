@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from .errors import RRMError
+from .streaming import PixelStream, open_stream
 from .transforms import SMALL_IMAGES, Augment, RandomShift, build_transform, resolve_augment, timm_transform, to_mode
 
 EMBEDDED_MNIST = "mnist-5k"
@@ -48,6 +49,16 @@ class ImageData:
     framing: str = "resize"  # unaugmented views: "resize" to image_size, or "crop" as timm evaluates
     crop_pct: float = 1.0  # of "crop": resize to image_size / crop_pct, then center crop
     interpolation: str = "bilinear"
+    stream_length: int | None = None  # of a streamed training split (`train` a `datasets.IterableDataset`), if known
+
+    @property
+    def streaming(self) -> bool:
+        return not isinstance(self.train, datasets.Dataset)
+
+    @property
+    def train_size(self) -> int | None:
+        """Training images: the split's, or the stream's when known."""
+        return self.stream_length if self.streaming else len(self.train)
 
     @property
     def num_classes(self) -> int:
@@ -59,6 +70,9 @@ class ImageData:
 
     def hold_out(self, count: int, seed: int = 0) -> ImageData:
         """A copy whose `count` randomly chosen (seeded) training images are moved from `train` to `holdout`."""
+        if self.streaming:
+            raise RRMError("--holdout takes images out of a training split on disk, not out of a stream: drop "
+                           "--holdout or --streaming")
         if not 0 < count < len(self.train):
             raise RRMError(f"--holdout must be between 1 and {len(self.train) - 1} (the training images), got {count}")
         parts = self.train.train_test_split(test_size=count, seed=seed)
@@ -109,8 +123,8 @@ def _load_any(spec: str, config: str | None) -> datasets.DatasetDict | datasets.
             return datasets.load_from_disk(str(path))
         if path.is_dir() and not any(path.iterdir()):
             raise RRMError(f"dataset folder '{spec}' is empty; put images in class subfolders (imagefolder) there")
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path))
+        if path.is_dir():  # an imagefolder, or data files (parquet, ...) as a Hub dataset repo holds them
+            return datasets.load_dataset(str(path))
         if path.exists():
             raise RRMError(f"dataset '{spec}' is a file: give a folder (imagefolder or save_to_disk) or a Hub id")
         return datasets.load_dataset(spec, config)
@@ -119,7 +133,8 @@ def _load_any(spec: str, config: str | None) -> datasets.DatasetDict | datasets.
     except Exception as err:  # datasets raises many types for "not there"; all mean the same to the user
         raise RRMError(
             f"could not load dataset '{spec}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-            f"give a Hub dataset id, a folder saved with save_to_disk, an imagefolder, or '{EMBEDDED_MNIST}'"
+            f"give a Hub dataset id, a folder saved with save_to_disk, an imagefolder, a folder of data files, or "
+            f"'{EMBEDDED_MNIST}'"
         ) from None
 
 
@@ -167,6 +182,7 @@ def load_image_data(
     seed: int = 0,
     augment: Augment = "auto",
     model_input: ModelInput | None = None,
+    streaming: bool = False,
 ) -> ImageData:
     """Load an image classification dataset: a Hub id, a `save_to_disk` folder, an imagefolder, or the default.
 
@@ -174,23 +190,31 @@ def load_image_data(
     named. Without a test split, 20% of the train split is held out (seeded). Images of any size and mode are
     read as RGB (grayscale if all of a sample are). `augment` auto resolves to shifts for small images and to timm's
     random-resized crops for larger ones, which are then seen at `image_size`, else at `model_input`'s size (the
-    model's own, with its evaluation crop), else at 224.
+    model's own, with its evaluation crop), else at 224. With `streaming` the training split is read as a stream
+    (`rrm_hub.streaming`), and its first images stand for it where the images must be looked at.
     """
     name = spec or EMBEDDED_MNIST
-    train, test = _split(_load_any(name, config), train_split, test_split, seed)
-    if len(train) == 0 or len(test) == 0:
+    length = None
+    if streaming:
+        if name == EMBEDDED_MNIST:
+            raise RRMError("--streaming reads a Hub dataset or data files: give --dataset")
+        train, test, sample, length = open_stream(name, config, train_split, test_split, _TEST_SPLITS)
+    else:
+        train, test = _split(_load_any(name, config), train_split, test_split, seed)
+        sample = train
+    if len(sample) == 0 or len(test) == 0:
         raise RRMError(f"dataset '{name}' has an empty train or test split; check --train-split / --test-split")
-    image_column = _find_column(train, image_column, datasets.Image, _IMAGE_COLUMNS, "--image-column")
-    label_column = _find_column(train, label_column, datasets.ClassLabel, _LABEL_COLUMNS, "--label-column")
-    label_feature = train.features[label_column]
+    image_column = _find_column(sample, image_column, datasets.Image, _IMAGE_COLUMNS, "--image-column")
+    label_column = _find_column(sample, label_column, datasets.ClassLabel, _LABEL_COLUMNS, "--label-column")
+    label_feature = sample.features[label_column]
     if isinstance(label_feature, datasets.ClassLabel):
         class_names = list(label_feature.names)
     else:
-        labels = set(train[label_column]) | set(test[label_column])
+        labels = set(sample[label_column]) | set(test[label_column])
         if not all(isinstance(v, int) for v in labels) or min(labels) < 0:
             raise RRMError(f"label column '{label_column}' must hold class ids 0..N-1; fix --label-column")
         class_names = [str(i) for i in range(max(labels) + 1)]
-    first = train[0][image_column]
+    first = sample[0][image_column]
     if not hasattr(first, "mode"):
         raise RRMError(f"column '{image_column}' does not hold images; name the image column with --image-column")
     augment = resolve_augment(augment, (first.height, first.width))
@@ -207,13 +231,14 @@ def load_image_data(
         image_column=image_column,
         label_column=label_column,
         class_names=class_names,
-        image_mode=_image_mode(train, image_column),
+        image_mode=_image_mode(sample, image_column),
         image_size=size,
-        fingerprint=f"{train._fingerprint}-{test._fingerprint}",
+        fingerprint=f"{sample._fingerprint}-{test._fingerprint}",
         augment=augment,
         framing="crop" if natural else "resize",
         crop_pct=model_input.crop_pct if natural else 1.0,
         interpolation=model_input.interpolation if natural else "bilinear",
+        stream_length=length,
     )
 
 
@@ -285,11 +310,14 @@ def make_loader(
     hflip: bool = False,
     origins: bool = False,
     auto_augment: str | None = None,
+    shuffle_buffer: int = 10_000,
+    stream_images: int | None = None,
 ) -> DataLoader:
     """A DataLoader over one split; the train split is shuffled with a seeded generator. With `augment` the
     training views are `data.augment`'s: timm's random-resized crops (with `auto_augment`), or shifts of `pad`
     pixels and `hflip` flips. With `origins` its batches are (pixels, labels, origins), see `PixelDataset`.
-    `num_workers` None: `default_workers()`; memory is pinned where a GPU is."""
+    `num_workers` None: `default_workers()`; memory is pinned where a GPU is. A streamed training split is
+    shuffled through `shuffle_buffer` images, `stream_images` (default: all) an epoch."""
     shift, cropped = None, augment and data.augment == "timm"
     if cropped or data.framing == "crop":
         transform = timm_transform(data.image_size, cropped, crop_pct=data.crop_pct,
@@ -298,16 +326,27 @@ def make_loader(
         transform = build_transform(data.image_size)
     if augment and data.augment == "shift" and (pad > 0 or hflip):
         shift = RandomShift(pad, hflip)
+    if split == "train" and data.streaming:
+        if origins:
+            raise RRMError("streamed images have no index to keep a perturbation by: use --match-start random")
+        stream = PixelStream(data.train, data.image_column, data.label_column, data.image_mode, transform,
+                             stream_images or data.train_size, seed, shuffle_buffer, shift)
+        return DataLoader(stream, batch_size=batch_size, num_workers=workers(num_workers),
+                          pin_memory=torch.cuda.is_available())
     dataset = PixelDataset(data, split, transform, limit, seed=seed, augment=shift, origins=origins)
     shuffle = split == "train"
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    workers = default_workers() if num_workers is None else num_workers
+    count = workers(num_workers)
     # workers kept alive between epochs, unless the augmentation follows the epoch (PixelDataset.set_epoch)
-    persistent = workers > 0 and shuffle and shift is None
+    persistent = count > 0 and shuffle and shift is None
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=count,
         drop_last=False, pin_memory=torch.cuda.is_available(), persistent_workers=persistent,
     )
+
+
+def workers(count: int | None) -> int:
+    return default_workers() if count is None else count
 
 
 def default_workers() -> int:

@@ -54,15 +54,17 @@ class PerturbationMemory:
     def unavailable(cls, data: ImageData) -> str | None:
         """Why the training images of `data` cannot have a memory, or None: too many, or an augmentation (random-
         resized crops) that moves each image's frame in ways a perturbation cannot follow."""
+        if data.streaming:
+            return "streamed images have no index to keep a perturbation by"
         if data.augment == "timm":
             return "random-resized crops move each image's frame"
         return cls.too_large(len(data.train), (data.channels, *data.image_size))
 
     @classmethod
     def for_training_images(cls, data: ImageData) -> PerturbationMemory:
-        if data.augment == "timm":
-            raise RRMError("--match-start previous cannot follow random-resized crops; use --match-start random or "
-                           "--augment shift")
+        if reason := cls.unavailable(data):
+            raise RRMError(f"a perturbation carried over epochs needs one kept per training image, not possible here "
+                           f"({reason}); use --match-start random, or another method than atta_at")
         return cls(len(data.train), (data.channels, *data.image_size))
 
     def continue_attack(self, attack: Attack, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

@@ -76,9 +76,9 @@ def setup(config: DistillConfig) -> Setup:
     name = resolve_model_name(name, "--student", accelerator.print)
     images = components.load_data(config.data, config.training.seed, config.eval.holdout,
                                   model_input(name, student_args))
-    if config.rrm.cache_teacher and images.augment == "timm":
-        raise RRMError("--cache-teacher needs the training images unaugmented, not random-resized crops: add "
-                       "--augment none, or drop --cache-teacher")
+    if config.rrm.cache_teacher and (images.augment == "timm" or images.streaming):
+        raise RRMError("--cache-teacher needs the training images on disk and unaugmented, not streamed or "
+                       "randomly cropped: drop --streaming, add --augment none, or drop --cache-teacher")
     sample = torch.zeros(2, images.channels, *images.image_size, device=accelerator.device)
 
     # teacher: any robust model, frozen; its representation is tapped with forward hooks

@@ -44,6 +44,9 @@ class DataConfig:
                                        "rand-m9-mstd0.5-inc1")
     pad: int = setting(2, "random-shift augmentation in pixels (0: none) of --augment shift", ge=0)
     hflip: bool = setting(False, "random horizontal flips of --augment shift (not for digits)")
+    streaming: bool = setting(False, "read the training split as a stream (Hub datasets too large to download); "
+                              "the test images are the first 1,000 of the test split")
+    shuffle_buffer: int = setting(10_000, "images in the shuffle buffer of --streaming", ge=1)
     num_workers: int | None = setting(None, "data loader worker processes (default: the CPU cores for each process, "
                                       "up to 8; 0: load in the main process)", ge=0)
 

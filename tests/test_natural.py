@@ -10,14 +10,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from rrm_hub import RRMError, RRMStudent, load_image_data, make_loader
-from rrm_hub.components import evaluation_for_run, perturbation_memory
+from rrm_hub.components import perturbation_memory
 from rrm_hub.config import RRMConfig
 from rrm_hub.memory import PerturbationMemory
 from rrm_hub.models import model_input
 from rrm_hub.names import resolve, resolve_model_name
 from rrm_hub.sections import EvalConfig
 
-from .conftest import put_in_hub_cache, run_recipe
+from .conftest import ROOT, put_in_hub_cache, run_recipe
 
 
 def _photo(kind: str, seed: int) -> Image.Image:
@@ -166,3 +166,75 @@ def test_the_users_command_at_224_px(photos, teacher_at_224, tmp_path):
     assert config["pretrained_cfg"]["input_size"] == [3, 224, 224] and config["pretrained_cfg"]["crop_pct"] == 0.9
     student = RRMStudent.from_pretrained(str(out))
     assert student(torch.rand(1, 3, 300, 200)).shape == (1, 2)
+
+
+def test_the_papers_cifar10_config_runs_on_a_cifar_shaped_set(tmp_path):
+    import datasets
+    import yaml
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list("abcdefghij"))})
+    generator = torch.Generator().manual_seed(0)
+
+    def split(count):
+        images = [Image.fromarray((torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy())
+                  for _ in range(count)]
+        return datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(count)]}, features=features)
+
+    datasets.DatasetDict({"train": split(40), "test": split(20)}).save_to_disk(str(tmp_path / "cifar"))
+    paper = yaml.safe_load((ROOT / "recipes/configs/rrm-cifar10.yaml").read_text())
+    assert paper["training"] == {"epochs": 48, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
+                                 "weight_decay": 5.0e-4, "warmup": 0.0}
+    assert paper["rrm"]["match_on"] == "clean" and paper["rrm"]["ce_weight"] == 0.005
+    assert abs(paper["eval"]["eps"] - 8 / 255) < 1e-9 and paper["student"]["name"] == "resnet50"
+    smoke = tmp_path / "smoke.yaml"  # the paper's settings on the tiny set, with the bundled teacher
+    smoke.write_text(yaml.safe_dump({"base": str(ROOT / "recipes/configs/rrm-cifar10.yaml"),
+                                     "data": {"dataset": str(tmp_path / "cifar")}, "teacher": {"name": None},
+                                     "eval": {"suite": "pgd", "eval_examples": 4, "eval_steps": 1}}))
+    out = tmp_path / "out"
+    result = run_recipe(["recipes/rrm.py", "--config", str(smoke), "--max-steps", "2", "--batch-size", "8",
+                         "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["student"] == "resnet50" and metrics["match_on"] == "clean"
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert resolved["training"]["optimizer"] == "sgd" and resolved["data"]["pad"] == 4 and resolved["data"]["hflip"]
+
+
+@pytest.fixture(scope="module")
+def parquet_digits(tmp_path_factory, mnist):
+    """The embedded digits as parquet files (two training shards and a test file), as Hub datasets store them."""
+    folder = tmp_path_factory.mktemp("parquet") / "digits"
+    (folder / "data").mkdir(parents=True)
+    train = mnist.train.select(range(64))
+    for shard in range(2):
+        train.shard(2, shard, contiguous=True).to_parquet(str(folder / "data" / f"train-0000{shard}-of-00002.parquet"))
+    mnist.test.select(range(32)).to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
+    return folder
+
+
+def test_streaming_from_parquet_files_continues_the_stream(parquet_digits):
+    from accelerate import Accelerator
+
+    data = load_image_data(str(parquet_digits), streaming=True)
+    assert data.streaming and data.class_names == [str(d) for d in range(10)] and data.image_size == (28, 28)
+    assert len(data.test) == 32 and data.image_mode == "L"
+    loader = make_loader(data, "train", 8, augment=True, pad=2, shuffle_buffer=16, stream_images=64)
+    assert len(loader) == 8
+    loader.dataset.set_epoch(3)
+    full = [batch for batch in loader]
+    assert sum(len(y) for _, y in full) == 64 and 0 <= full[0][0].min() and full[0][0].max() <= 1
+    resumed = list(Accelerator(cpu=True).skip_first_batches(loader, 3))  # what a resumed run does (rrm_hub.train)
+    assert len(resumed) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(full[3:], resumed, strict=True))
+    loader.dataset.set_epoch(4)
+    assert not torch.equal(next(iter(loader))[1], full[0][1])  # another epoch, another order
+
+
+def test_rrm_recipe_streams_a_dataset(parquet_digits, tmp_path):
+    result = run_recipe(["recipes/rrm.py", "--dataset", str(parquet_digits), "--streaming", "--max-steps", "2",
+                         "--batch-size", "8", "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout + result.stderr
+    assert "--match-start random instead of previous: streamed images have no index" in printed
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2
+    refused = run_recipe(["recipes/rrm.py", "--dataset", str(parquet_digits), "--streaming", "--epochs", "1"])
+    assert refused.returncode != 0 and "does not say how many images it has: add --max-steps" in refused.stderr

@@ -1,0 +1,23 @@
+"""recipes/benchmark_scale.py: step costs at the student's own resolution and the loader's throughput."""
+
+import json
+
+from .conftest import run_recipe
+
+
+def test_scale_benchmark_writes_its_keys(tmp_path):
+    out = tmp_path / "benchmark-scale.json"
+    result = run_recipe(["recipes/benchmark_scale.py", "--student", "test_vit", "--teacher-arch", "test_resnet",
+                         "--batch-size", "4", "--steps", "1", "--warmup-steps", "0", "--photos", "12",
+                         "--loader-batches", "1", "--num-workers", "1", "--output", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert set(summary["methods"]) == {"natural", "natural_pad0", "rrm_clean", "rrm", "rrm_cached"}
+    for name, method in summary["methods"].items():
+        assert method["seconds_per_step"] > 0 and method["saved_activation_bytes"] > 0, name
+    assert summary["methods"]["natural"]["step_cost_vs_natural"] == 1.0
+    # the recipe's default matching runs the student twice: about twice the activations saved of natural training
+    assert 1.5 < summary["methods"]["rrm"]["activation_memory_vs_natural"] < 2.5
+    assert summary["image_size"] == [160, 160] and summary["loader_workers"] == 1
+    assert summary["loader_images_per_second"] > 0 and summary["train_images_per_second"] > 0
+    assert "| rrm_cached |" in result.stdout
