@@ -140,7 +140,8 @@ def epoch_check(images: ImageData, evaluation: EvalConfig, training: TrainConfig
     from .evaluate import epoch_check as make_check
     from .selection import BestEpoch
 
-    evaluation = evaluation.for_run(images_trained(images, training, accelerator.num_processes))
+    trained = images_trained(images, training, accelerator.num_processes)
+    evaluation = evaluation.for_run(trained)
     if not evaluation.epoch_eval_examples:
         return None
     held_out = images.holdout is not None
@@ -148,8 +149,7 @@ def epoch_check(images: ImageData, evaluation: EvalConfig, training: TrainConfig
                          limit=None if held_out else evaluation.epoch_eval_examples)
     attack = pgd(evaluation.eps, evaluation.norm, 10)
     check = make_check(loader, attack, accelerator)
-    size = images.train_size or images_trained(images, training, accelerator.num_processes)
-    epochs = math.ceil(images_trained(images, training, accelerator.num_processes) / size)
+    epochs = math.ceil(trained / (images.train_size or trained))
     if evaluation.keep_best:
         root = Path(training.output_dir) / "checkpoints" if save_best and training.output_dir else None
         previous = resolve_checkpoint(training.resume, root).parent if training.resume and root else None

@@ -316,7 +316,7 @@ def make_loader(
     """A DataLoader over one split; the train split is shuffled with a seeded generator. With `augment` the
     training views are `data.augment`'s: timm's random-resized crops (with `auto_augment`), or shifts of `pad`
     pixels and `hflip` flips. With `origins` its batches are (pixels, labels, origins), see `PixelDataset`.
-    `num_workers` None: `default_workers()`; memory is pinned where a GPU is. A streamed training split is
+    `num_workers` None: `workers`' default; memory is pinned where a GPU is. A streamed training split is
     shuffled through `shuffle_buffer` images, `stream_images` (default: all) an epoch."""
     shift, cropped = None, augment and data.augment == "timm"
     if cropped or data.framing == "crop":
@@ -331,12 +331,12 @@ def make_loader(
             raise RRMError("streamed images have no index to keep a perturbation by: use --match-start random")
         stream = PixelStream(data.train, data.image_column, data.label_column, data.image_mode, transform,
                              stream_images or data.train_size, seed, shuffle_buffer, shift)
-        return DataLoader(stream, batch_size=batch_size, num_workers=workers(num_workers),
+        return DataLoader(stream, batch_size=batch_size, num_workers=workers(num_workers, data),
                           pin_memory=torch.cuda.is_available())
     dataset = PixelDataset(data, split, transform, limit, seed=seed, augment=shift, origins=origins)
     shuffle = split == "train"
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    count = workers(num_workers)
+    count = workers(num_workers, data)
     # workers kept alive between epochs, unless the augmentation follows the epoch (PixelDataset.set_epoch)
     persistent = count > 0 and shuffle and shift is None
     return DataLoader(
@@ -345,8 +345,12 @@ def make_loader(
     )
 
 
-def workers(count: int | None) -> int:
-    return default_workers() if count is None else count
+def workers(count: int | None, data: ImageData) -> int:
+    """`count`, or by default: the machine's (`default_workers`) for photos, none for small images, whose decoding
+    costs less than the workers' own overhead (the embedded default runs 4% faster on two cores without them)."""
+    if count is not None:
+        return count
+    return default_workers() if data.framing == "crop" else 0
 
 
 def default_workers() -> int:

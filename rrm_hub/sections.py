@@ -47,8 +47,9 @@ class DataConfig:
     streaming: bool = setting(False, "read the training split as a stream (Hub datasets too large to download); "
                               "the test images are the first 1,000 of the test split")
     shuffle_buffer: int = setting(10_000, "images in the shuffle buffer of --streaming", ge=1)
-    num_workers: int | None = setting(None, "data loader worker processes (default: the CPU cores for each process, "
-                                      "up to 8; 0: load in the main process)", ge=0)
+    num_workers: int | None = setting(None, "data loader worker processes (default: for photos the CPU cores for "
+                                      "each process, up to 8; none for small images; 0: load in the main "
+                                      "process)", ge=0)
 
 
 @dataclass

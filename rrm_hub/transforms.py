@@ -46,9 +46,15 @@ def timm_transform(image_size: tuple[int, int], training: bool, *, crop_pct: flo
     center crop for evaluation."""
     from timm.data import create_transform
 
-    steps = create_transform((3, *image_size), is_training=training, interpolation=interpolation or "bilinear",
-                             crop_pct=None if training else crop_pct, auto_augment=auto_augment if training else None,
-                             normalize=False)
+    from .errors import RRMError
+
+    try:
+        steps = create_transform((3, *image_size), is_training=training, interpolation=interpolation or "bilinear",
+                                 crop_pct=None if training else crop_pct,
+                                 auto_augment=auto_augment if training else None, normalize=False)
+    except (AssertionError, ValueError, KeyError) as err:
+        raise RRMError(f"timm does not know --auto-augment '{auto_augment}' ({err}); use a timm policy such as "
+                       "rand-m9-mstd0.5-inc1, augmix-m5 or original") from None
     return transforms.Compose([steps, transforms.ConvertImageDtype(torch.float32)])
 
 

@@ -83,6 +83,8 @@ def test_photos_of_mixed_sizes_and_modes_are_cropped_as_timm_does(photos):
     x, y = next(iter(train))
     assert x.shape == (24, 3, 224, 224) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert sorted(y.tolist()) == [0] * 12 + [1] * 12
+    with pytest.raises(RRMError, match="timm does not know --auto-augment 'xyz'"):
+        make_loader(data, "train", 4, augment=True, auto_augment="xyz")
     test = make_loader(data, "test", 8)
     first, second = next(iter(test))[0], next(iter(test))[0]
     assert torch.equal(first, second)  # evaluation views are fixed: resize by crop_pct, center crop
