@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -213,6 +215,7 @@ def train(
     objective = as_objective(objective)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    given, model = model, _trainable(model, accelerator)
     optimizer = make_optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     replays = objective.replays  # free-AT takes several optimizer steps on each minibatch
@@ -316,7 +319,7 @@ def train(
             record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
             record.update({key: round(value, 5) for key, value in _means(sums, count, accelerator).items()})
             if on_epoch_end is not None:
-                record.update(on_epoch_end(epoch, accelerator.unwrap_model(model)))
+                record.update(on_epoch_end(epoch, _trained(model, given, accelerator)))
             history.append(record)
             accelerator.print(" ".join(f"{k}={v}" for k, v in record.items()))
             save(TrainState(step, epoch + 1, 0, {}, 0, history, train_seconds))
@@ -324,7 +327,41 @@ def train(
                 break
             if stopping:
                 raise KeyboardInterrupt(_stopped(save(state), step))
+    _trained(model, given, accelerator)
     return {"history": history, "train_seconds": train_seconds, "steps": step, "epochs": len(history)}
+
+
+def enable_cpu_fsdp(accelerator: Accelerator) -> None:
+    """Shard with FSDP on CPU processes when the launch asks for it (`ACCELERATE_USE_CPU=true accelerate launch
+    --config_file recipes/configs/accelerate/fsdp.yaml ...`): accelerate turns FSDP on only for GPU backends and
+    would silently fall back to DDP over gloo."""
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):  # AcceleratorState copies the first
+        shared["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+
+
+def _trainable(model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """The module to prepare: `model` itself, or under FSDP (which shards a module in place) a copy, so that
+    `model` stays a plain module that `_trained` hands the weights back to."""
+    enable_cpu_fsdp(accelerator)
+    return copy.deepcopy(model) if accelerator.distributed_type == DistributedType.FSDP else model
+
+
+def _trained(prepared: nn.Module, given: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """The trained model as a plain module: unwrapped, or under FSDP `given` with the full weights gathered on
+    every process (so evaluation and saving run as after DDP)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(prepared)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(prepared, options=StateDictOptions(full_state_dict=True))
+    given.to(accelerator.device).load_state_dict(full)
+    return given.train(prepared.training)
 
 
 def _means(sums: dict, count: int, accelerator: Accelerator) -> dict[str, float]:
