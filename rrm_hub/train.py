@@ -263,7 +263,13 @@ def train(
         path = save(last_good, with_objective=False) if _finite_weights(model, accelerator) else None
         path = path or (checkpoints.checkpoints(root)[-1] if root and checkpoints.checkpoints(root) else None)
         where = f"; the last good state is in {path} (--resume continues from it)" if path else ""
+        _trained(model, given, accelerator)  # the caller's module holds the last good weights, as without FSDP
         raise RRMError(f"the loss became {value} at step {bad.step}{where}; lower --lr or use --mixed-precision no")
+
+    def stopped(position: TrainState) -> KeyboardInterrupt:
+        path = save(position)
+        _trained(model, given, accelerator)
+        return KeyboardInterrupt(_stopped(path, step))
 
     history, step, train_seconds = state.history, state.step, state.train_seconds
     saved: list[int] = [step] if config.resume else []
@@ -311,7 +317,7 @@ def train(
                 paused = time.perf_counter()
                 position = TrainState(step, epoch, batches, sums, count, history, train_seconds + paused - started)
                 if stopping:
-                    raise KeyboardInterrupt(_stopped(save(position), step))
+                    raise stopped(position)
                 save(position)
                 started += time.perf_counter() - paused  # saving is not training time
             stopping = look(epoch)  # before the epoch's checkpoint
@@ -326,7 +332,7 @@ def train(
             if step >= total_steps:
                 break
             if stopping:
-                raise KeyboardInterrupt(_stopped(save(state), step))
+                raise stopped(state)
     _trained(model, given, accelerator)
     return {"history": history, "train_seconds": train_seconds, "steps": step, "epochs": len(history)}
 

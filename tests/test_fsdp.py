@@ -38,7 +38,7 @@ def runs(tmp_path_factory, mnist):
     launcher = [shutil.which("accelerate") or "accelerate", "launch", "--config_file", str(config),
                 "--num_processes", "2", "--mixed_precision", "no"]
     flags = [*FLAGS, "--dataset", str(digits)]
-    result = {"tmp": tmp}
+    result = {"tmp": tmp, "launcher": launcher}
     with mock.patch.dict(os.environ, {"ACCELERATE_USE_CPU": "true", "FSDP_PROBE": str(tmp / "probe-first")}):
         result["first"] = run_recipe(["tests/fsdp_probe.py", *flags, "--max-steps", "5", "--batch-size", "16",
                                       "--output-dir", str(tmp / "two")], launcher=launcher)
@@ -108,3 +108,14 @@ def test_resume_continues_from_a_sharded_checkpoint(runs):
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)  # epoch 2 trained on
     RRMStudent.from_pretrained(out)
+
+
+def test_a_nan_on_one_process_stops_both_and_keeps_the_last_good_shards(runs, tmp_path):
+    """The finite-loss flag is agreed on the device by all processes, and read every READ_EVERY (16) steps."""
+    out = tmp_path / "nan"
+    with mock.patch.dict(os.environ, {"ACCELERATE_USE_CPU": "true"}):
+        result = run_recipe(["tests/fsdp_nan.py", str(out)], launcher=runs["launcher"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"process {rank}: stopped after 16 calls, step 5 kept" in result.stdout, result.stdout[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005"]
