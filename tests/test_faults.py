@@ -172,5 +172,5 @@ def test_the_loop_reads_the_loss_on_the_host_only_every_few_steps():
     _HostReads.reads = 0
     run = train(_model(), counted, _problem(512), Accelerator(cpu=True), TrainConfig(epochs=1))
     assert run["steps"] == 64 and run["history"][0]["loss"] > 0
-    # one read per READ_EVERY steps and a few at the epoch end; a read per step would give 64 or more
+    # steps 16, 32 and 48, then at the epoch end the guard, the means and the two sums (7); a read per step: 64+
     assert 0 < _HostReads.reads <= 64 // READ_EVERY + 3, _HostReads.reads
