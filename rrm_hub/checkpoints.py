@@ -56,9 +56,9 @@ def resolve(spec: str, root: Path) -> Path:
     return path
 
 
-def save(accelerator: Accelerator, root: Path, state: TrainState, keep: int, objective: Objective) -> Path:
-    """Save model, optimizer, scheduler and RNG states plus `state` (and `objective.checkpoint_state()`) as
-    `root/step-<state.step>`.
+def save(accelerator: Accelerator, root: Path, state: TrainState, keep: int, objective: Objective | None) -> Path:
+    """Save model, optimizer, scheduler and RNG states plus `state` (and `objective.checkpoint_state()`, unless
+    `objective` is None) as `root/step-<state.step>`.
 
     Every process must call this. A full disk or an unwritable folder raises `RRMError`; earlier
     checkpoints stay as they were.
@@ -72,7 +72,7 @@ def save(accelerator: Accelerator, root: Path, state: TrainState, keep: int, obj
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
         # on every process: an objective may need them all to gather its state (a perturbation memory does)
-        extra = objective.checkpoint_state()
+        extra = objective.checkpoint_state() if objective is not None else None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / TRAINER_STATE).write_text(json.dumps(state.to_json(), indent=1))
