@@ -319,13 +319,16 @@ RRM_ARGS = ["--max-steps", "2", "--batch-size", "8", "--epoch-eval-examples", "0
             "img_size=28", "patch_size=7", "depth=2", "embed_dim=24", "num_heads=2"]
 
 
-def test_rrm_with_clip_teachers_needs_no_label_flag(open_clip_repo, clip_repos, tmp_path, capsys):
+def test_rrm_with_an_open_clip_teacher_needs_no_label_flag(open_clip_repo, tmp_path):
     metrics = _recipe_main(["--teacher", "someone/tiny-fare2-clip", "--match",
                             "visual.transformer.resblocks.1:blocks.1", "--match", "visual:penultimate",
                             "--output-dir", str(tmp_path / "a"), *RRM_ARGS])
     assert metrics["teacher_layer"] == "visual.transformer.resblocks.1, visual" and metrics["feature_dim"] == 12
     assert metrics["teacher_clean_accuracy"] is None and metrics["steps"] == 2  # no classes: the teacher is not scored
     assert metrics["pairs"][0]["teacher_shape"][-1] == 16
+
+
+def test_clip_teacher_layers_are_listed_and_have_no_logits(clip_repos, tmp_path, capsys):
     _recipe_main(["--teacher", "someone/tiny-fare-clip", "--list-layers", "--output-dir", str(tmp_path / "b"),
                   *RRM_ARGS])
     listed = capsys.readouterr().out
