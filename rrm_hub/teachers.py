@@ -1,4 +1,4 @@
-"""`load_teacher(spec)`: a frozen classifier that takes [0, 1] pixels, from wherever a robust model lives.
+"""`load_teacher(spec)`: a frozen classifier or image encoder taking [0, 1] pixels, wherever a robust model lives.
 
 Sources: the bundled teacher; a folder or Hub repo in timm, transformers, rrm-hub, transformers CLIP or open_clip
 format; a weight file (timm or torchvision state dict, MadryLab `robustness` checkpoint), local or
@@ -79,7 +79,8 @@ def _load_folder_as_configured(folder: Path, source: str, trust_remote_code: boo
     if (folder / OPEN_CLIP_CONFIG).exists():
         return open_clip_teacher(folder, source)
     if not config_path.exists():
-        raise RRMError(f"teacher '{source}' has no config.json; give a timm, transformers or rrm-hub model, "
+        raise RRMError(f"teacher '{source}' has no config.json (nor open_clip_config.json); give a timm, "
+                       "transformers, CLIP, open_clip or rrm-hub model, "
                        "or a single weight file as hf://org/repo/file or a path")
     config = json.loads(config_path.read_text())
     if "rrm" in config:
@@ -118,10 +119,11 @@ def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Pa
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     if not any(folder.glob("*.safetensors")):
         name = PICKLED_WEIGHTS if (folder / OPEN_CLIP_CONFIG).exists() else "pytorch_model.bin"
-        try:
-            hf_hub_download(repo_id, name, revision=revision)  # into the same snapshot folder
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            pass  # the folder loader says which weights are missing
+        with _hub_errors(f"'{name}' of '{repo_id}'"):
+            try:
+                hf_hub_download(repo_id, name, revision=revision)  # into the same snapshot folder
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                pass  # the folder loader says which weights are missing
     return folder
 
 
@@ -179,10 +181,10 @@ def load_teacher(
 
     `spec`: None for the bundled default; a Hub model id (`org/name`, `hf-hub:org/name`, `hf://org/name`) or a
     local folder in timm, transformers, rrm-hub, transformers CLIP or open_clip format (CLIP encoders have no
-    classes: `num_classes` 0, the image embedding as default layer); `robustbench:[dataset/threat/]name`; or a weight
-    file, `hf://org/repo/path/in/repo` or a
-    path. A weight file's architecture is `arch` (`name`, `timm:name`, `torchvision:name`) or guessed from the
-    file name; `load_teacher("resnet18", checkpoint=...)` names it as `spec`. `model_args` and `num_classes`
+    classes: `num_classes` 0, the image embedding as default layer); `robustbench:[dataset/threat/]name`; or a
+    weight file, `hf://org/repo/path/in/repo` or a path. A weight file's architecture is `arch` (`name`,
+    `timm:name`, `torchvision:name`) or guessed from the file name; `load_teacher("resnet18", checkpoint=...)`
+    names it as `spec`. `model_args` and `num_classes`
     build that architecture. `trust_remote_code` lets transformers run a repo's own model code.
     """
     if checkpoint is not None:

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 
@@ -21,26 +20,18 @@ from torch import nn
 from rrm_hub import FeatureTap, RRMError, default_layer, load_teacher
 
 from .conftest import put_in_hub_cache
-from .test_teachers import _recipe_main  # the rrm recipe's main, run in this process
+from .test_teachers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TINY_RESNET,
+    _normalize,
+    _recipe_main,
+    _RunsCode,
+    _timm_reference,
+)
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-TINY_RESNET = {"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 8)}
 HF_HOME = os.environ["HF_HOME"]
-
-
-def _normalize(pixels, mean, std):
-    return (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-
-
-class _RunsCode:
-    """Unpickling this runs a shell command that creates a marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
 def _one_line_error(match, *args, **kwargs):
@@ -144,11 +135,6 @@ def test_madrylab_file_that_runs_code_is_refused_and_the_recipe_converts_a_trust
 def tiny_resnet():
     torch.manual_seed(0)
     return timm.create_model("resnet18", num_classes=7, **TINY_RESNET).eval()
-
-
-def _timm_reference(model, pixels):
-    config = timm.data.resolve_data_config({}, model=model)
-    return model(_normalize(pixels, config["mean"], config["std"]))
 
 
 @torch.no_grad()
