@@ -37,9 +37,20 @@ LIBRARIES = ("timm", "torchvision")
 
 def convert_hint(source: str) -> str:
     """How to turn a pickled checkpoint into safetensors, in an environment that trusts it."""
-    return (f"where you trust the file, run safetensors.torch.save_file({{k: v for k, v in torch.load(f, "
-            f"weights_only=False)['model'].items() if 'attacker' not in k}}, '{Path(source).stem}.safetensors') "
-            "and pass that file")
+    name = Path(source).name
+    return (f"where you trust the file, run: python -c \"import torch, safetensors.torch as st; "
+            f"sd = torch.load('{name}', weights_only=False); sd = sd.get('model', sd.get('state_dict', sd)); "
+            f"st.save_file({{k: v.contiguous() for k, v in sd.items() if 'attacker' not in k}}, "
+            f"'{Path(name).stem}.safetensors')\" and pass that file")
+
+
+def refusal(err: pickle.UnpicklingError, source: str, name: str | None = None) -> RRMError:
+    """The one-line error for a file `torch.load(weights_only=True)` refused: pickled objects, or not a checkpoint."""
+    if "global" not in str(err).lower():  # no pickled object: a truncated or foreign file
+        return RRMError(f"cannot read checkpoint '{source}' (not a torch.save or safetensors file, or truncated); "
+                        "download it again or give another file")
+    return RRMError(f"checkpoint '{source}' holds more than tensors and would need full unpickling, which can run "
+                    f"arbitrary code; rrm-hub never unpickles untrusted files: {convert_hint(name or source)}")
 
 
 def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
@@ -51,9 +62,8 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
             raise RRMError(f"cannot read checkpoint '{source}' as safetensors ({err})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise RRMError(f"checkpoint '{source}' holds more than tensors and would need full unpickling, which can run "
-                       f"arbitrary code; rrm-hub never unpickles untrusted files: {convert_hint(source)}") from None
+    except pickle.UnpicklingError as err:
+        raise refusal(err, source) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise RRMError(f"cannot read checkpoint '{source}' ({str(err).splitlines()[0][:120]}); give a safetensors "
                        "or torch.save file") from None
@@ -81,6 +91,15 @@ def split_robustness(state: dict[str, torch.Tensor]) -> tuple[dict, list[float],
         return None
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return weights, state["normalizer.new_mean"].flatten().tolist(), state["normalizer.new_std"].flatten().tolist()
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` without the `module.` (DataParallel) or `model.` prefix that all its keys share and `model` lacks."""
+    expected = model.state_dict().keys()
+    for prefix in ("module.", "model.", "module."):
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def guess_architecture(filename: str, names: Iterable[str]) -> str | None:
@@ -169,6 +188,7 @@ def checkpoint_teacher(
     if robustness:
         state, mean, std = robustness
     model = build_architecture(library, name, num_classes, model_args or {})
+    state = strip_prefixes(state, model)
     inferred = _classes_in(state, model)
     if num_classes is None and inferred and inferred != model.num_classes:
         model = build_architecture(library, name, inferred, model_args or {})
@@ -181,6 +201,17 @@ def checkpoint_teacher(
         preprocess = PixelPreprocess(TORCHVISION_INPUT_SIZE, mean if robustness else IMAGENET_DEFAULT_MEAN,
                                      std if robustness else IMAGENET_DEFAULT_STD)
     return PixelModel(model, preprocess, _label_names(model.num_classes), source)
+
+
+def weights_in(folder: Path, source: str, pickled: str = "pytorch_model.bin", safetensors: str = "*.safetensors",
+               ) -> Path | None:
+    """None if `folder` has safetensors weights, else its `pickled` file (read with `weights_only=True` only)."""
+    if any(folder.glob(safetensors)):
+        return None
+    if (folder / pickled).is_file():
+        return folder / pickled
+    raise RRMError(f"teacher '{source}' has no {safetensors.lstrip('*')} or {pickled} weights "
+                   "(not downloaded? HF_HUB_OFFLINE?)")
 
 
 # ---- transformers image classifiers
@@ -243,10 +274,14 @@ def _size(size: object) -> tuple[int, int] | None:
     return (int(edge), int(edge)) if edge else None
 
 
-def processor_preprocess(folder: Path, model_config, source: str, trust_remote_code: bool) -> PixelPreprocess:
-    """Input size, normalization and resampling from the model's image processor (`preprocessor_config.json`)."""
+def processor_preprocess(folder: Path, model_config, source: str, trust_remote_code: bool,
+                         fallback: PixelPreprocess | None = None) -> PixelPreprocess:
+    """Input size, normalization and resampling from the model's image processor (`preprocessor_config.json`);
+    `fallback` where a repo has none."""
     from transformers import AutoImageProcessor
 
+    if not (folder / "preprocessor_config.json").exists() and fallback is not None:
+        return fallback
     if not (folder / "preprocessor_config.json").exists():
         raise RRMError(f"teacher '{source}' has no preprocessor_config.json, so its input size and normalization "
                        "are unknown; add the image processor of the model it was trained from (save_pretrained)")
@@ -266,18 +301,24 @@ def processor_preprocess(folder: Path, model_config, source: str, trust_remote_c
                            "bicubic" if bicubic else "bilinear")
 
 
+def from_pretrained(cls, folder: Path, source: str, trust_remote_code: bool = False):
+    """(model, loading info) of transformers' `cls` from safetensors, else `pytorch_model.bin` read weights-only."""
+    pickled = weights_in(folder, source)
+    try:
+        return cls.from_pretrained(str(folder), trust_remote_code=trust_remote_code, use_safetensors=pickled is None,
+                                   weights_only=True, output_loading_info=True)
+    except pickle.UnpicklingError as err:
+        raise refusal(err, f"{source}/{pickled.name}", pickled.name) from None
+    except (OSError, ValueError, RuntimeError, EOFError) as err:
+        raise RRMError(f"transformers cannot load teacher '{source}' ({str(err).splitlines()[0][:160]})") from None
+
+
 def transformers_teacher(folder: Path, config: dict, source: str, trust_remote_code: bool = False) -> PixelModel:
-    """A folder with a transformers image-classification config.json, safetensors weights and image processor."""
+    """A folder with a transformers image-classification config.json, weights and image processor."""
     from transformers import AutoModelForImageClassification
 
     _check_classifier_config(config, source, trust_remote_code)
-    if not any(folder.glob("*.safetensors")):
-        raise RRMError(f"teacher '{source}' has no .safetensors weights; rrm-hub does not unpickle .bin/.pth")
-    try:
-        model, info = AutoModelForImageClassification.from_pretrained(
-            str(folder), trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise RRMError(f"transformers cannot load teacher '{source}' ({str(err).splitlines()[0][:160]})") from None
+    model, info = from_pretrained(AutoModelForImageClassification, folder, source, trust_remote_code)
     untrained = sorted(info["missing_keys"])
     if untrained:
         raise RRMError(f"teacher '{source}' lacks trained weights for {len(untrained)} tensors "

@@ -2,7 +2,8 @@
 
 A layer is named as in `model.named_modules()`; `name` taps the module's output and `name@input` its
 input. The default is the input of the model's final classifier (`get_classifier()` in timm), i.e.
-the penultimate representation the RRM paper matches.
+the penultimate representation the RRM paper matches; a representation-only model (an image encoder such as
+CLIP's) names its embedding in `embedding_layer`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The penultimate representation: the input of the model's classifier."""
-    return classifier_name(model) + INPUT_SUFFIX
+    """The penultimate representation: the input of the model's classifier, or an encoder's `embedding_layer`."""
+    embedding = getattr(model, "embedding_layer", None)
+    return embedding if isinstance(embedding, str) else classifier_name(model) + INPUT_SUFFIX
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:

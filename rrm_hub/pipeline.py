@@ -84,7 +84,9 @@ def setup(config: DistillConfig) -> Setup:
     # teacher: any robust model, frozen; its representation is tapped with forward hooks
     teacher = config.teacher.load(accelerator.device)
     labels_match = teacher.num_classes == images.num_classes
-    if not labels_match and not config.layers.ignore_teacher_labels:
+    if not teacher.num_classes and config.rrm.kd_weight:  # an image encoder (CLIP): a representation, no logits
+        raise RRMError(f"the teacher {teacher.source} has no classes, so no logits to distill: drop --kd-weight")
+    if not labels_match and teacher.num_classes and not config.layers.ignore_teacher_labels:
         raise RRMError(f"the teacher predicts {teacher.num_classes} classes but the dataset has "
                        f"{images.num_classes}; pass --ignore-teacher-labels to use its representation only")
     matches = config.layers.matches(config.student.layer)  # None: one pair, --teacher-layer / --student-layer

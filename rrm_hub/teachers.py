@@ -1,9 +1,10 @@
-"""`load_teacher(spec)`: a frozen classifier that takes [0, 1] pixels, from wherever a robust model lives.
+"""`load_teacher(spec)`: a frozen classifier or image encoder taking [0, 1] pixels, wherever a robust model lives.
 
-Sources: the bundled teacher; a folder or Hub repo in timm, transformers or rrm-hub format; a weight file
-(timm or torchvision state dict, MadryLab `robustness` checkpoint), local or `hf://org/repo/path/in/repo`.
-Resolution goes through `huggingface_hub` (its cache, revisions, `HF_HUB_OFFLINE`, tokens). Weights are read
-from safetensors or with `torch.load(weights_only=True)`; nothing is ever fully unpickled.
+Sources: the bundled teacher; a folder or Hub repo in timm, transformers, rrm-hub, transformers CLIP or open_clip
+format; a weight file (timm or torchvision state dict, MadryLab `robustness` checkpoint), local or
+`hf://org/repo/path/in/repo`; a RobustBench model (`robustbench:[dataset/threat/]name`). Resolution goes through
+`huggingface_hub` (its cache, revisions, `HF_HUB_OFFLINE`, tokens). Weights are read from safetensors or with
+`torch.load(weights_only=True)`; nothing is ever fully unpickled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import timm
 from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from torch import nn
 
@@ -24,8 +25,12 @@ from .converters import (
     architecture_names,
     checkpoint_teacher,
     is_transformers_config,
+    load_weights,
+    read_state_dict,
     transformers_teacher,
+    weights_in,
 )
+from .encoders import OPEN_CLIP_CONFIG, PICKLED_WEIGHTS, clip_teacher, is_clip_config, open_clip_teacher
 from .errors import RRMError
 from .models import PixelModel, preprocess_for
 from .student import CONFIG_FILE, RRMStudent
@@ -35,6 +40,7 @@ DEFAULT_TEACHER = ASSETS / "mnist-robust-resnet"
 """The bundled teacher: a small PGD-trained ResNet for the embedded MNIST (L-inf eps 0.3)."""
 
 HF_URL = "hf://"
+ROBUSTBENCH = "robustbench:"
 REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 OFFLINE_HINT = "(HF_HUB_OFFLINE?); download it first or give a local path"
 
@@ -47,9 +53,11 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 def _timm_teacher(folder: Path, config: dict, source: str) -> PixelModel:
-    if not any(folder.glob("*.safetensors")):
-        raise RRMError(f"teacher '{source}' has no .safetensors weights; rrm-hub does not unpickle .bin/.pth")
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    pickled = weights_in(folder, source)  # a pytorch_model.bin is read here, weights-only, not by timm
+    model = timm.create_model(f"local-dir:{folder}", pretrained=pickled is None)
+    if pickled is not None:
+        load_weights(model, read_state_dict(pickled, f"{source}/{pickled.name}"), f"timm '{config['architecture']}'",
+                     source)
     labels = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
     return PixelModel(model, preprocess_for(model), labels, source)
 
@@ -68,19 +76,24 @@ def _load_folder(folder: Path, source: str, trust_remote_code: bool = False) -> 
 
 def _load_folder_as_configured(folder: Path, source: str, trust_remote_code: bool) -> nn.Module:
     config_path = folder / CONFIG_FILE
+    if (folder / OPEN_CLIP_CONFIG).exists():
+        return open_clip_teacher(folder, source)
     if not config_path.exists():
-        raise RRMError(f"teacher '{source}' has no config.json; give a timm, transformers or rrm-hub model, "
+        raise RRMError(f"teacher '{source}' has no config.json (nor open_clip_config.json); give a timm, "
+                       "transformers, CLIP, open_clip or rrm-hub model, "
                        "or a single weight file as hf://org/repo/file or a path")
     config = json.loads(config_path.read_text())
     if "rrm" in config:
         student = RRMStudent.from_pretrained(str(folder))
         student.source = source
         return student
+    if is_clip_config(config):
+        return clip_teacher(folder, config, source)
     if is_transformers_config(config):
         return transformers_teacher(folder, config, source, trust_remote_code)
     if "architecture" in config:
         return _timm_teacher(folder, config, source)
-    raise RRMError(f"teacher '{source}': config.json is not a timm, transformers or rrm-hub config")
+    raise RRMError(f"teacher '{source}': config.json is not a timm, transformers, CLIP or rrm-hub config")
 
 
 @contextmanager
@@ -99,10 +112,19 @@ def _hub_errors(what: str):
 
 
 def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
-    """The config, weights and card of a Hub model repo (its code too with `trust_remote_code`)."""
+    """The config, weights and card of a Hub model repo (its code too with `trust_remote_code`); a repo without
+    safetensors gets its `pytorch_model.bin` (or open_clip's), which is then read weights-only."""
     patterns = ["*.json", "*.safetensors", "*.md"] + (["*.py"] if trust_remote_code else [])
     with _hub_errors(f"teacher '{repo_id}'"):
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    if not any(folder.glob("*.safetensors")):
+        name = PICKLED_WEIGHTS if (folder / OPEN_CLIP_CONFIG).exists() else "pytorch_model.bin"
+        with _hub_errors(f"'{name}' of '{repo_id}'"):
+            try:
+                hf_hub_download(repo_id, name, revision=revision)  # into the same snapshot folder
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                pass  # the folder loader says which weights are missing
+    return folder
 
 
 def parse_hf_url(url: str) -> tuple[str, str, str | None]:
@@ -158,9 +180,11 @@ def load_teacher(
     """A frozen, eval-mode teacher taking [0, 1] pixels, with `num_classes`, `label_names`, `source` and `network`.
 
     `spec`: None for the bundled default; a Hub model id (`org/name`, `hf-hub:org/name`, `hf://org/name`) or a
-    local folder in timm, transformers or rrm-hub format; or a weight file, `hf://org/repo/path/in/repo` or a
-    path. A weight file's architecture is `arch` (`name`, `timm:name`, `torchvision:name`) or guessed from the
-    file name; `load_teacher("resnet18", checkpoint=...)` names it as `spec`. `model_args` and `num_classes`
+    local folder in timm, transformers, rrm-hub, transformers CLIP or open_clip format (CLIP encoders have no
+    classes: `num_classes` 0, the image embedding as default layer); `robustbench:[dataset/threat/]name`; or a
+    weight file, `hf://org/repo/path/in/repo` or a path. A weight file's architecture is `arch` (`name`,
+    `timm:name`, `torchvision:name`) or guessed from the file name; `load_teacher("resnet18", checkpoint=...)`
+    names it as `spec`. `model_args` and `num_classes`
     build that architecture. `trust_remote_code` lets transformers run a repo's own model code.
     """
     if checkpoint is not None:
@@ -174,6 +198,10 @@ def load_teacher(
                        "(--teacher-checkpoint or a .safetensors/.ckpt/.pt teacher)")
     if spec is None or spec == "default":
         return _freeze(_load_folder(DEFAULT_TEACHER, "rrm-hub bundled MNIST teacher"))
+    if spec.startswith(ROBUSTBENCH):
+        from .robustbench_zoo import robustbench_teacher
+
+        return _freeze(robustbench_teacher(spec))
     if is_file:
         return _freeze(_load_file(spec, revision, arch, model_args, num_classes))
     path = Path(spec).expanduser()

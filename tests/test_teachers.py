@@ -62,10 +62,12 @@ def test_missing_teachers_are_one_line_errors(spec, message):
     assert "\n" not in str(info.value)
 
 
-def test_folder_without_safetensors_is_refused(tmp_path):
+def test_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"architecture": "resnet18", "num_classes": 10}')
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(RRMError, match="does not unpickle"):
+    with pytest.raises(RRMError, match="has no .safetensors or pytorch_model.bin weights"):
+        load_teacher(str(tmp_path))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a torch.save file")
+    with pytest.raises(RRMError, match="cannot read checkpoint"):
         load_teacher(str(tmp_path))
 
 
@@ -322,9 +324,9 @@ VIT_CONFIG = {"architectures": ["ViTForImageClassification"], "model_type": "vit
 
 
 @pytest.mark.parametrize("make,kwargs,message", [
-    (lambda t, c: _folder(t, {"name": "mystery"}), {}, "not a timm, transformers or rrm-hub config"),
+    (lambda t, c: _folder(t, {"name": "mystery"}), {}, "not a timm, transformers, CLIP or rrm-hub config"),
     (lambda t, c: str(t), {}, "has no config.json"),
-    (lambda t, c: _folder(t, VIT_CONFIG, ["pytorch_model.bin"]), {}, "does not unpickle"),
+    (lambda t, c: _folder(t, VIT_CONFIG, ["pytorch_model.bin"]), {}, "cannot read checkpoint"),
     (lambda t, c: _folder(t, {**VIT_CONFIG, "architectures": ["ViTModel"]}), {}, "not an image classifier"),
     (lambda t, c: _folder(t, {**VIT_CONFIG, "auto_map": {"AutoModelForImageClassification": "m.Net"}}), {},
      "trust_remote_code=True"),
