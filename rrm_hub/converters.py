@@ -26,6 +26,7 @@ from torch import nn
 from .errors import RRMError
 from .features import classifier_name
 from .models import PixelModel, PixelPreprocess, preprocess_for
+from .names import resolve
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".tar")
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
@@ -122,6 +123,11 @@ def resolve_architecture(arch: str | None, filename: str, default_library: str) 
     if library not in LIBRARIES:
         raise RRMError(f"architecture '{arch}': the prefix must be one of {', '.join(LIBRARIES)}")
     names = architecture_names(library)
+    if library == "timm" and name:  # timm's names as users type them: vit_small, tags
+        resolved = resolve(name, "--teacher-arch")
+        if resolved.note:
+            print(resolved.note)
+        name = resolved.name.partition(".")[0]
     name = name or guess_architecture(filename, names)
     if name is None:
         raise RRMError(f"cannot tell the {library} architecture of '{filename}' from its name; "

@@ -57,8 +57,8 @@ class ModelSource:
     """Where a model comes from, as `rrm_hub.load_teacher` takes it."""
 
     FLAGS: ClassVar[dict[str, str]] = {}
-    name: str | None = setting(None, "Hub id (org/name), hf://org/repo/file, folder, weight file or timm "
-                               "architecture (default: the bundled MNIST teacher)")
+    name: str | None = setting(None, "Hub id (org/name), hf://org/repo/file, robustbench:[DATASET/THREAT/]NAME, "
+                               "folder, weight file or timm architecture (default: the bundled MNIST teacher)")
     revision: str | None = setting(None, "Hub revision")
     checkpoint: str | None = setting(None, "weights (.safetensors/.ckpt/.pt path or hf://org/repo/path/in/repo) "
                                      "for the architecture named by the model spec or its --arch")

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from rrm_hub import RRMError, RRMStudent, load_image_data, make_loader
 from rrm_hub.components import perturbation_memory
 from rrm_hub.config import RRMConfig
+from rrm_hub.converters import resolve_architecture
 from rrm_hub.memory import PerturbationMemory
 from rrm_hub.models import model_input
 from rrm_hub.names import resolve, resolve_model_name
@@ -64,6 +65,7 @@ def test_names_as_timm_users_type_them():
     lines = []
     assert resolve_model_name("deit_small", "--model", lines.append) == "deit_small_patch16_224"
     assert lines and lines[0].startswith("--model deit_small:")
+    assert resolve_architecture("vit_small", "robust.pt", "timm") == ("timm", "vit_small_patch16_224")  # --teacher-arch
     with pytest.raises(RRMError, match=r"no model 'vit_smal' \(near: vit_small_patch16_224") as err:
         resolve("vit_smal")
     assert "\n" not in str(err.value)
