@@ -1,6 +1,9 @@
 """ARD, RSLAD and AdaAD: their losses by hand, the direction of their attacks, the teacher cache and the carried
 attack, and the methods by name."""
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,8 @@ from rrm_hub.methods import make_objective
 from rrm_hub.objectives import ARD, RSLAD, AdaAD, kl_divergence
 from rrm_hub.objectives.inputs import AttackedInputs
 from rrm_hub.teacher_cache import TeacherCache
+
+from .conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +192,27 @@ def test_the_benchmark_and_the_recipe_run_them_by_name(tmp_path):
         "--eval-steps", "2", "--no-checks", "--output-dir", str(tmp_path / "rslad")])
     assert metrics["method"] == "rslad" and metrics["rrm_options"] is None
     assert metrics["attack"]["match_start"] == "previous" and (tmp_path / "rslad" / "model.safetensors").exists()
+
+
+def test_step_costs_and_the_study_budget(tmp_path):
+    from rrm_hub.config import RECIPE_RRM, RRMOptions
+    from rrm_hub.methods import step_cost
+
+    recipe = RRMOptions(**RECIPE_RRM)
+    costs = {m: step_cost(m, rrm=recipe) for m in ("natural", "pgd_at", "atta_at", "kd", "rrm", "ard", "rslad",
+                                                   "adaad")}
+    assert costs == pytest.approx({"natural": 1, "pgd_at": 8, "atta_at": 2, "kd": 4 / 3, "rrm": 7 / 3, "ard": 7 / 3,
+                                   "rslad": 10 / 3, "adaad": 10 / 3})
+    assert step_cost("rrm", rrm=RRMOptions()) == pytest.approx(4 / 3)  # the paper's clean matching
+    assert step_cost("ard", rrm=recipe, cached=True) == 2 and step_cost("ard", rrm=recipe, ard_weight=0.5) == 10 / 3
+    assert step_cost("rrm", rrm=RRMOptions(match_on="mixup", clean_weight=1)) == pytest.approx(8 / 3)
+    assert step_cost("adaad", rrm=RRMOptions(steps=10)) == pytest.approx(21 + 1 / 3)
+    with pytest.raises(RRMError, match="unknown method"):
+        step_cost("sat")
+    spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "recipes" / "study.py")
+    study = sys.modules["recipe_study"] = importlib.util.module_from_spec(spec)  # its dataclass needs the module
+    spec.loader.exec_module(study)
+    config = study.StudyConfig(budget=10)
+    for variant, epochs in (("vit/rslad", "3"), ("vit/pgd_at", "1"), ("vit/clean", "8")):
+        cmd = study.command(*study.variants()[variant], config, tmp_path)
+        assert cmd[cmd.index("--epochs") + 1] == epochs
