@@ -143,6 +143,8 @@ def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_la
     student, selected = components.finish_training(student, run, check, config.eval, accelerator)
     batch = next(iter(components.train_loader(images, config.data, training, augment, objective)))  # after training
     step_bytes = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
+    if hasattr(objective, "remove"):  # the hooks on the teacher, which the next method's objective shares
+        objective.remove()
     final = evaluate(student, components.test_loader(images, training.batch_size, config.eval.eval_examples),
                      {"pgd20": pgd(config.eval.eps, config.eval.norm, 20)}, accelerator, desc=f"{method} pgd20")
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
