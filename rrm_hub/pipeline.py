@@ -121,7 +121,7 @@ def rrm_objective(prepared: Setup):
                           robust_options=dataclasses.asdict(config.robust))
 
 
-def objective_facts(objective, method: str) -> dict:
+def objective_facts(objective) -> dict:
     """What metrics.json says about the objective: RRM's resolved options, or the method's attack."""
     if not isinstance(objective, RRM):
         current = getattr(objective, "current", None)
@@ -168,7 +168,7 @@ def distill(config: DistillConfig) -> RunResult:
         "student_layer": (", ".join(p.student_layer or "projected penultimate" for p in prepared.pairs)
                           if prepared.pairs else config.student.layer or "projected penultimate"),
         "feature_dim": prepared.feature_dim, "pairs": [p.to_dict() for p in prepared.pairs] or None,
-        **objective_facts(objective, config.method),
+        **objective_facts(objective),
         "teacher_cache": (None if getattr(getattr(objective, "targets", None), "cache", None) is None else
                           {"path": str(objective.targets.cache.path), "reused": objective.targets.cache.reused}),
         **run_facts(run, selected, images, config, accelerator),

@@ -216,3 +216,17 @@ def test_step_costs_and_the_study_budget(tmp_path):
     for variant, epochs in (("vit/rslad", "3"), ("vit/pgd_at", "1"), ("vit/clean", "8")):
         cmd = study.command(*study.variants()[variant], config, tmp_path)
         assert cmd[cmd.index("--epochs") + 1] == epochs
+
+
+def test_the_l2_teacher_loads_offline_by_name():
+    import json
+
+    from rrm_hub import load_teacher
+    from rrm_hub.teachers import L2_TEACHER
+
+    teacher = load_teacher("default-l2")
+    assert teacher.num_classes == 10 and "L2" in teacher.source
+    metrics = json.loads((L2_TEACHER / "metrics.json").read_text())
+    assert metrics["norm"] == "l2" and metrics["eps"] == 2.0 and metrics["method"] == "pgd_at"
+    with torch.no_grad():
+        assert teacher(torch.rand(2, 1, 28, 28)).shape == (2, 10)
