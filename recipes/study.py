@@ -26,6 +26,7 @@ from rrm_hub import cli
 from rrm_hub.cards import save_json
 from rrm_hub.config import AdversarialTrainConfig, DistillConfig, RunConfig, StudentConfig
 from rrm_hub.errors import RRMError, one_line_errors
+from rrm_hub.methods import step_cost
 from rrm_hub.settings import setting
 
 RECIPES = Path(__file__).resolve().parent
@@ -40,6 +41,8 @@ class StudyConfig(RunConfig):
     extra: str = setting("", "flags added to every run, e.g. '--epochs 60 --batch-size 256'")
     jobs: int = setting(1, "runs at a time", ge=1)
     eps: float = setting(0.3, "attack budget of every run", ge=0)
+    budget: float = setting(0.0, "compute of every run, in natural-step epochs: each trains budget / (its step cost "
+                            "in natural steps, rrm_hub.methods.step_cost) epochs (0: the variants' own epochs)", ge=0)
     eps_sweep: list[float] = setting(help="epsilons reported in the table (PGD-20)", nargs="+", ge=0,
                                      factory=lambda: [0.1, 0.2, 0.3])
     output_dir: str = setting("study", "output folder")
@@ -70,10 +73,20 @@ def variants() -> dict[str, tuple[str, list[str]]]:
     return table
 
 
+def step_cost_of(recipe: str, flags: list[str]) -> float:
+    """The step cost of a variant's run, in natural steps (`rrm_hub.methods.step_cost`)."""
+    if recipe == "rrm.py":
+        run = cli.parse(DistillConfig, flags)
+        return step_cost(run.method, rrm=run.rrm, cached=run.rrm.cache_teacher, ard_weight=run.robust.ard_weight)
+    run = cli.parse(AdversarialTrainConfig, flags)
+    return step_cost(run.method, attack_steps=run.attack_steps)
+
+
 def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path) -> list[str]:
-    """The recipe run of one variant: its flags, then the study's evaluation flags, then --extra."""
+    """The recipe run of one variant: its flags, its epochs under --budget, the study's evaluation flags, --extra."""
     sweep = [f"{e:g}" for e in config.eps_sweep]
-    return [sys.executable, str(RECIPES / recipe), *flags, "--eps", str(config.eps), "--eps-sweep", *sweep,
+    epochs = ["--epochs", str(max(1, round(config.budget / step_cost_of(recipe, flags))))] if config.budget else []
+    return [sys.executable, str(RECIPES / recipe), *flags, *epochs, "--eps", str(config.eps), "--eps-sweep", *sweep,
             "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), *shlex.split(config.extra)]
 
 
@@ -91,6 +104,7 @@ def run_one(name: str, cmd: list[str], folder: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     row = summarize(name, metrics, seconds)
     row["command"] = shlex.join(cmd)
+    row["step_cost"] = round(step_cost_of(*variants()[name]), 3)
     print(f"{name}: clean {row['clean']:.1%}, robust {row['robust']:.1%} at eps {metrics['eps']:g}, "
           f"{row['seconds_per_step'] * 1000:.1f} ms/step, {row['train_seconds']:.0f}s", flush=True)
     return row
@@ -100,6 +114,7 @@ def summarize(name: str, metrics: dict, wall_seconds: float) -> dict:
     """One table row from a run's metrics.json."""
     return {
         "variant": name, "clean": metrics["clean_accuracy"], "robust": metrics["robust_accuracy"]["worst_case"],
+        "suite": metrics["robust_accuracy"],
         "sweep": {f"{p['eps']:g}": p["accuracy"] for p in metrics["sweep"] if p["eps"] > 0},
         "train_seconds": metrics["train_seconds"], "steps": metrics["steps"], "epochs": metrics["epochs"],
         "seconds_per_step": metrics["train_seconds"] / max(metrics["steps"], 1), "wall_seconds": wall_seconds,
@@ -111,12 +126,16 @@ def table(rows: list[dict], eps: float) -> str:
     """Markdown: one line per variant; robust columns are PGD-20 accuracy at each sweep epsilon."""
     done = [r for r in rows if "error" not in r]
     epsilons = sorted({e for r in done for e in r["sweep"]}, key=float)
-    lines = ["| variant | ms/step | epochs | train s | clean | " + " | ".join(f"eps {e}" for e in epsilons) + " |",
-             "|---" * (5 + len(epsilons)) + "|"]
+    lines = ["| variant | step cost | epochs | natural-step epochs | ms/step | train s | clean | "
+             + " | ".join(f"eps {e}" for e in epsilons) + " | final suite |", "|---" * (8 + len(epsilons)) + "|"]
     for r in done:
         robust = " | ".join(f"{r['sweep'][e]:.1%}" if e in r["sweep"] else "-" for e in epsilons)
-        lines.append(f"| {r['variant']} | {r['seconds_per_step'] * 1000:.1f} | {r['epochs']} | "
-                     f"{r['train_seconds']:.0f} | {r['clean']:.1%} | {robust} |")
+        cost = r.get("step_cost")
+        units = "-" if cost is None else f"{cost * r['epochs']:.1f}"
+        final = ", ".join(f"{name} {value:.1%}" for name, value in r["suite"].items())
+        lines.append(f"| {r['variant']} | {'-' if cost is None else f'{cost:.2f}'} | {r['epochs']} | {units} | "
+                     f"{r['seconds_per_step'] * 1000:.1f} | {r['train_seconds']:.0f} | {r['clean']:.1%} | {robust} | "
+                     f"{final} |")
     lines += [f"| {r['variant']} | failed: {r['error']} |" for r in rows if "error" in r]
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,7 @@ robustness over wall-clock time (`recipes/benchmark.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import weakref
@@ -14,10 +15,21 @@ from torch import nn
 from . import components
 from .attacks import pgd
 from .cards import hardware
-from .config import RECIPE_RRM, DataConfig, EvalConfig, RRMConfig, RunConfig, StudentConfig, TeacherConfig, TrainConfig
+from .config import (
+    RECIPE_RRM,
+    DataConfig,
+    EvalConfig,
+    RobustDistillOptions,
+    RRMConfig,
+    RunConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 from .data import ImageData
 from .evaluate import evaluate
 from .features import default_layer, feature_width
+from .memory import PerturbationMemory
 from .methods import METHODS, Method, make_objective
 from .settings import section, setting
 from .student import RRMStudent
@@ -31,6 +43,8 @@ budget; the small default ViT of recipes/rrm.py does not (PGD-AT and fast-AT sta
 REFERENCE = "natural_pad0"
 """Natural training on unaugmented images: what rrm_cached's cost per step is measured against."""
 UNAUGMENTED = ("rrm_cached", REFERENCE)
+CACHEABLE = ("rrm", "ard", "rslad")
+"""The methods that --cache-teacher serves (their teacher sees the clean images only)."""
 
 
 @dataclass
@@ -48,13 +62,16 @@ class BenchmarkConfig(RunConfig):
     teacher: TeacherConfig = section(TeacherConfig)
     student: StudentConfig = section(StudentConfig)
     rrm: RRMConfig = section(lambda: RRMConfig(**RECIPE_RRM))
+    robust: RobustDistillOptions = section(RobustDistillOptions)
     data: DataConfig = section(DataConfig)
     training: TrainConfig = section(lambda: TrainConfig(epochs=10, lr=3e-3))
     eval: EvalConfig = section(EvalConfig)
 
     def check_rules(self) -> None:
-        if "rrm" in self.methods:
-            self.rrm.check_run(self.data, pairs=0)
+        for method in ("rrm", "ard", "rslad", "adaad"):
+            if method in self.methods:  # --cache-teacher serves the methods that can use it
+                rrm = self.rrm if method in CACHEABLE else replace(self.rrm, cache_teacher=False)
+                rrm.check_run(self.data, 0, method)
 
     def resolved(self) -> BenchmarkConfig:
         """The settings the benchmark runs with: the CNN student by default, --quick's budget, a check each epoch."""
@@ -91,7 +108,7 @@ def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData
     for method in methods:
         accelerator.print(f"--- {method}")
         cache, cache_seconds = None, 0.0
-        if method == "rrm_cached" or (method == "rrm" and config.rrm.cache_teacher):
+        if method == "rrm_cached" or (method in CACHEABLE and config.rrm.cache_teacher):
             started = time.perf_counter()
             loader = components.train_loader(images, config.data, config.training, augment=False)
             cache = TeacherCache.build(teacher, teacher_layer, loader).to(accelerator.device)
@@ -109,12 +126,13 @@ def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_la
     name, student_args = config.student.spec()
     student = RRMStudent.for_teacher(name, feature_dim=feature_dim, num_classes=images.num_classes,
                                      model_args=student_args, input_size=(images.channels, *images.image_size))
-    memory = components.perturbation_memory(method, images, config.rrm)
+    carried = method == "atta_at" or config.rrm.carries(method)
+    memory = PerturbationMemory.for_training_images(images) if carried else None
     objective = make_objective("natural" if method == REFERENCE else method, eps=config.eval.eps,
                                norm=config.eval.norm, teacher=teacher, teacher_layer=teacher_layer,
                                attack_steps=config.attack_steps, replays=config.replays,
                                eps_warmup=config.eps_warmup, rrm_options=config.rrm.objective_options(), cache=cache,
-                               memory=memory)
+                               memory=memory, robust_options=dataclasses.asdict(config.robust))
     training = replace(config.training, output_dir=None)  # timed runs: no checkpoints
     if method == "free_at":  # the same number of passes over the data as the others
         training = replace(training, epochs=max(1, math.ceil(training.epochs / config.replays)))
@@ -125,10 +143,12 @@ def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_la
     student, selected = components.finish_training(student, run, check, config.eval, accelerator)
     batch = next(iter(components.train_loader(images, config.data, training, augment, objective)))  # after training
     step_bytes = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
+    if hasattr(objective, "remove"):  # the hooks on the teacher, which the next method's objective shares
+        objective.remove()
     final = evaluate(student, components.test_loader(images, training.batch_size, config.eval.eval_examples),
                      {"pgd20": pgd(config.eval.eps, config.eval.norm, 20)}, accelerator, desc=f"{method} pgd20")
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
-             for h in run["history"]]
+             for h in run["history"] if "pgd10" in h]  # the epochs the per-epoch check ran
     extra = {"cache_build_seconds": round(cache_seconds, 2)} if cache is not None else {}
     return {"epochs": run["epochs"], "steps": run["steps"], "selected_epoch": selected,
             "pad": config.data.pad if augment else 0,
@@ -194,9 +214,11 @@ def markdown_table(results: dict, config: BenchmarkConfig, target: float | None)
         cells = [method, r["epochs"], f"{r['seconds_per_epoch']:.2f}", step_cost, f"{r['total_seconds']:.1f}",
                  pct(r["clean_accuracy"]), pct(r["robust_accuracy"]), num(r["time_to_target_seconds"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    if "cache_build_seconds" in results.get("rrm", {}):
-        lines.append(f"\nrrm: the teacher's outputs cached (built in {results['rrm']['cache_build_seconds']:.1f}s, "
-                     "counted in its total and its time to target).")
+    for method in CACHEABLE:
+        if "cache_build_seconds" in results.get(method, {}):
+            seconds = results[method]["cache_build_seconds"]
+            lines.append(f"\n{method}: the teacher's outputs cached (built in {seconds:.1f}s, counted in its total "
+                         "and its time to target).")
     if "rrm_cached" in results:
         reference = unaugmented_reference(results)
         lines.append(f"\nrrm_cached: clean matching with the teacher's outputs cached (built in "

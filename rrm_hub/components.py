@@ -178,16 +178,17 @@ def report_options(evaluation: EvalConfig, accelerator: Accelerator) -> dict:
 
 
 def perturbation_memory(method: str, images: ImageData, rrm: RRMConfig | None = None, log=print):
-    """The `PerturbationMemory` that `method` carries over epochs for the training images (ATTA-AT's, and RRM's with
-    `--match-start previous`), or None. Where RRM's cannot be kept (too large, or random-resized crops), RRM starts
-    its attacks at random instead, and `log` says why in one line."""
+    """The `PerturbationMemory` that `method` carries over epochs for the training images (ATTA-AT's; RRM's and the
+    robust distillation methods' with `--match-start previous`), or None. Where a distillation method's cannot be
+    kept (too large, a stream, random-resized crops), its attacks start at random instead, and `log` says why in one
+    line; ATTA-AT, chosen for its memory, refuses."""
     from .memory import PerturbationMemory
 
-    carried = method == "atta_at" or (method == "rrm" and rrm is not None and rrm.carried)
+    carried = method == "atta_at" or (rrm is not None and rrm.carries(method))
     if not carried:
         return None
     reason = PerturbationMemory.unavailable(images)
-    if method == "rrm" and reason and rrm.attack != "free":
+    if method != "atta_at" and reason and rrm.attack != "free":
         log(f"--match-start random instead of previous: {reason}")
         return None
     return PerturbationMemory.for_training_images(images)

@@ -37,8 +37,9 @@ from .suites import check_steps
 
 __all__ = [
     "DEFAULT_STUDENT", "DEFAULT_STUDENT_KWARGS", "MODEL_FLAGS", "RECIPE_RRM", "AdversarialTrainConfig", "DataConfig",
-    "DistillConfig", "EvalConfig", "EvaluatedModel", "HubConfig", "LayersConfig", "ModelConfig", "ModelSource",
-    "RRMConfig", "RRMOptions", "RunConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "parse_kwargs",
+    "DISTILL_METHODS", "DistillConfig", "EvalConfig", "EvaluatedModel", "HubConfig", "LayersConfig", "ModelConfig",
+    "ModelSource", "RRMConfig", "RRMOptions", "RobustDistillOptions", "RunConfig", "StudentConfig", "TeacherConfig",
+    "TrainConfig", "parse_kwargs",
 ]
 
 NOT_WITH_NFGSM = ("--match-attack n-fgsm starts from fresh noise at every step; add --match-start random (or use "
@@ -48,6 +49,8 @@ FREE_NEEDS_MEMORY = ("--match-attack free moves each image's perturbation for th
 CLEAN_ONLY = ("--cache-teacher holds the teacher's outputs on clean images only, but --match-on {match_on} with "
               "--teacher-input matched shows it perturbed ones; use --match-on clean or --teacher-input clean, "
               "or drop --cache-teacher")
+NOT_CACHED = ("--cache-teacher holds the teacher's outputs on clean images: it serves --method rrm, ard and rslad, "
+              "not {method} (drop --cache-teacher)")
 UNAUGMENTED_CACHE = ("--cache-teacher needs the training images unaugmented: add --pad 0 (and no --hflip), or drop "
                      "--cache-teacher")
 
@@ -62,10 +65,12 @@ class RRMOptions:
     feature_weight: float = setting(1.0, "weight of the feature mismatch")
     feature_loss: Literal["cosine", "l2"] = setting("cosine", "mismatch of two representations: 1 - cos, or mean "
                                                     "squared error")
-    match_on: Literal["clean", "noise", "adversarial"] = setting(
+    match_on: Literal["clean", "noise", "adversarial", "mixup", "cutmix", "shift"] = setting(
         "clean", "adversarial: student inputs moved by --match-steps signed-gradient steps (--match-attack, "
         "--match-attack-loss), one more student forward/backward per step; clean: the paper's method; noise: "
-        "inputs plus random noise (--noise) in the eps-ball")
+        "inputs plus random noise (--noise) in the eps-ball; mixup / cutmix: mixes of two training images "
+        "(--mix-alpha); shift: views shifted by up to --match-shift pixels; noise, mixup, cutmix and shift cost "
+        "what clean does (add --clean-weight 1 to match the clean images too)")
     eps: float | None = setting(0.3, "size of the noise / step for --match-on noise|adversarial (null: --eps)",
                                 flag="--match-eps", ge=0)
     noise: Noise = setting(
@@ -90,6 +95,9 @@ class RRMOptions:
                                       f"{CARRIED_STEP} with --match-start previous, else the attack's own: 1.25 for "
                                       "fgsm, 1 for n-fgsm, 2.5/steps for several steps)", flag="--match-step-size",
                                       gt=0)
+    mix_alpha: float = setting(1.0, "--match-on mixup|cutmix: each mix's share of its own image is max(l, 1 - l), "
+                               "l ~ Beta(alpha, alpha)", gt=0)
+    shift: int = setting(2, "--match-on shift: the largest shift, in pixels", flag="--match-shift", ge=1)
     clean_weight: float = setting(0.0, "also match on the clean images with this weight (the student runs on both)",
                                   ge=0)
     eps_warmup: float = setting(0.0, "ramp --match-eps up from 0 over this fraction of training",
@@ -150,10 +158,40 @@ class RRMConfig(RRMOptions):
         """Whether the run keeps a perturbation memory (adversarial matching that starts where it ended)."""
         return self.match_on == "adversarial" and self.match_start == "previous"
 
-    def check_run(self, data: DataConfig, pairs: int) -> None:
-        self.check(carried=self.carried, cached=self.cache_teacher, pairs=pairs)
+    def carries(self, method: str) -> bool:
+        """Whether `method` (rrm, or a robust distillation method, whose attack always runs) keeps a memory."""
+        return self.carried if method == "rrm" else method in ROBUST_DISTILLATION and self.match_start == "previous"
+
+    def check_run(self, data: DataConfig, pairs: int, method: str = "rrm") -> None:
+        """The rules of a run of `method` with these options (robust distillation takes its attack from them)."""
+        if method == "rrm":
+            self.check(carried=self.carried, cached=self.cache_teacher, pairs=pairs)
+        else:
+            if pairs:
+                raise RRMError(f"--match pairs layers for RRM; --method {method} distills logits: drop --match")
+            if self.cache_teacher and method not in ("ard", "rslad"):
+                raise RRMError(NOT_CACHED.format(method=method))
+            if method in ROBUST_DISTILLATION and self.attack == "free":
+                raise RRMError(f"--method {method} runs its attack: use --match-attack fgsm or n-fgsm")
+            if self.carries(method) and self.attack == "n-fgsm":
+                raise RRMError(NOT_WITH_NFGSM)
         if self.cache_teacher and (data.pad or data.hflip):
             raise RRMError(UNAUGMENTED_CACHE)
+
+
+ROBUST_DISTILLATION = ("ard", "rslad", "adaad")
+DISTILL_METHODS = ("rrm", *ROBUST_DISTILLATION, "kd")
+
+
+@dataclass
+class RobustDistillOptions:
+    """Options of the robust distillation methods that the RRM options do not give (their attack: --match-eps,
+    --match-steps, --match-attack, --match-step-size, --match-eps-warmup, --match-start)."""
+
+    TITLE: ClassVar[str] = "robust distillation (--method ard | rslad | adaad)"
+    ard_weight: float = setting(1.0, "ARD's weight a of the distillation term (1 - a weighs CE on the clean images; "
+                                "the authors' default 1)", ge=0)
+    ard_temperature: float = setting(30.0, "ARD's temperature (the authors' default 30)", gt=0)
 
 
 RECIPE_RRM = {"match_on": "adversarial", "eps": None, "teacher_input": "auto", "attack_loss": "ce", "eps_warmup": 0.5}
@@ -197,7 +235,12 @@ class DistillConfig(RunConfig):
     teacher: TeacherConfig = section(TeacherConfig)
     student: StudentConfig = section(StudentConfig)
     layers: LayersConfig = section(LayersConfig)
+    method: Literal["rrm", "ard", "rslad", "adaad", "kd"] = setting(
+        "rrm", "what the student learns from the teacher: rrm (its representation, the RRM options); ard, rslad, "
+        "adaad (its logits on attacked images, the attack from the --match-* options; docs/toolbox.md); kd (its "
+        "logits on the clean images)")
     rrm: RRMConfig = section(lambda: RRMConfig(**RECIPE_RRM))
+    robust: RobustDistillOptions = section(RobustDistillOptions)
     training: TrainConfig = section(lambda: TrainConfig(epochs=40, lr=1e-3))
     eval: EvalConfig = section(EvalConfig)
     hub: HubConfig = section(HubConfig)
@@ -210,7 +253,7 @@ class DistillConfig(RunConfig):
         if self.preflight and self.list_layers:
             raise RRMError("--preflight and --list-layers each stop the run early; give one of them")
         matches = self.layers.matches(self.student.layer)
-        self.rrm.check_run(self.data, len(matches or []))
+        self.rrm.check_run(self.data, len(matches or []), self.method)
 
 
 @dataclass

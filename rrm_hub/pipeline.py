@@ -115,17 +115,31 @@ def setup(config: DistillConfig) -> Setup:
                  student.pairs, student)
 
 
-def rrm_objective(prepared: Setup) -> RRM:
-    """The RRM objective of the run: the teacher's targets (live or cached), the matching inputs, the loss."""
+def rrm_objective(prepared: Setup):
+    """The run's objective (`--method`; RRM by default): the teacher's targets (live or cached), the inputs, the
+    loss."""
     config = prepared.config
-    memory = components.perturbation_memory("rrm", prepared.images, config.rrm,  # --match-start previous
+    memory = components.perturbation_memory(config.method, prepared.images, config.rrm,  # --match-start previous
                                             prepared.accelerator.print)
     cache = (components.teacher_cache(prepared.teacher, prepared.teacher_layer, prepared.images,
                                       config.training.batch_size, config.teacher.revision, config.data.num_workers,
                                       prepared.accelerator) if config.rrm.cache_teacher else None)
-    return make_objective("rrm", eps=config.eval.eps, norm=config.eval.norm, teacher=prepared.teacher,
+    return make_objective(config.method, eps=config.eval.eps, norm=config.eval.norm, teacher=prepared.teacher,
                           teacher_layer=prepared.teacher_layer, pairs=prepared.pairs,
-                          rrm_options=config.rrm.objective_options(), cache=cache, memory=memory)
+                          rrm_options=config.rrm.objective_options(), cache=cache, memory=memory,
+                          robust_options=dataclasses.asdict(config.robust))
+
+
+def objective_facts(objective) -> dict:
+    """What metrics.json says about the objective: RRM's resolved options, or the method's attack."""
+    if not isinstance(objective, RRM):
+        current = getattr(objective, "current", None)
+        attack = None if current is None else {"name": current.name, "eps": current.eps, "step_size": current.alpha,
+                                                "match_start": "previous" if objective.memory else "random"}
+        return {"rrm_options": None, "attack": attack}
+    return {"rrm_options": {**objective.options.objective_options(), "ce_weight": objective.ce_weight,
+                            "teacher_input": objective.teacher_input, "step_size": objective.step_size,
+                            "norm": objective.norm, "match_start": "previous" if objective.memory else "random"}}
 
 
 def distill(config: DistillConfig) -> RunResult:
@@ -143,7 +157,8 @@ def distill(config: DistillConfig) -> RunResult:
     check = components.epoch_check(images, config.eval, config.training, accelerator)
     run = train(prepared.student, objective, loader, accelerator, config.training, check)
     student, selected = components.finish_training(prepared.student, run, check, config.eval, accelerator)
-    objective.remove()
+    if hasattr(objective, "remove"):
+        objective.remove()
 
     # evaluate student and teacher the same way, at a cost scaled to the run
     evaluation = components.evaluation_for_run(config.eval, images, config.training, accelerator)
@@ -154,17 +169,16 @@ def distill(config: DistillConfig) -> RunResult:
                       if prepared.labels_match else None)
 
     metrics = {
-        **result, "method": "rrm", "match_on": config.rrm.match_on, "teacher": prepared.teacher.source,
+        **result, "method": config.method, "match_on": config.rrm.match_on if config.method == "rrm" else None,
+        "teacher": prepared.teacher.source,
         "teacher_layer": (", ".join(p.teacher_layer for p in prepared.pairs) if prepared.pairs
                           else prepared.teacher_layer),
         "student": config.student.spec()[0], "student_args": config.student.spec()[1],
         "student_layer": (", ".join(p.student_layer or "projected penultimate" for p in prepared.pairs)
                           if prepared.pairs else config.student.layer or "projected penultimate"),
         "feature_dim": prepared.feature_dim, "pairs": [p.to_dict() for p in prepared.pairs] or None,
-        "rrm_options": {**objective.options.objective_options(), "ce_weight": objective.ce_weight,
-                        "teacher_input": objective.teacher_input, "step_size": objective.step_size,
-                        "norm": objective.norm, "match_start": "previous" if objective.memory else "random"},
-        "teacher_cache": (None if objective.targets.cache is None else
+        **objective_facts(objective),
+        "teacher_cache": (None if getattr(getattr(objective, "targets", None), "cache", None) is None else
                           {"path": str(objective.targets.cache.path), "reused": objective.targets.cache.reused}),
         **run_facts(run, selected, images, config, accelerator),
         "teacher_clean_accuracy": teacher_result["clean_accuracy"] if teacher_result else None,

@@ -38,6 +38,8 @@ from .student import CONFIG_FILE, RRMStudent
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_TEACHER = ASSETS / "mnist-robust-resnet"
 """The bundled teacher: a small PGD-trained ResNet for the embedded MNIST (L-inf eps 0.3)."""
+L2_TEACHER = ASSETS / "mnist-robust-resnet-l2"
+"""The second bundled teacher, `load_teacher("default-l2")`: the same ResNet trained the same way at L2 eps 2.0."""
 
 HF_URL = "hf://"
 ROBUSTBENCH = "robustbench:"
@@ -198,6 +200,8 @@ def load_teacher(
                        "(--teacher-checkpoint or a .safetensors/.ckpt/.pt teacher)")
     if spec is None or spec == "default":
         return _freeze(_load_folder(DEFAULT_TEACHER, "rrm-hub bundled MNIST teacher"))
+    if spec == "default-l2":
+        return _freeze(_load_folder(L2_TEACHER, "rrm-hub bundled MNIST teacher (L2)"))
     if spec.startswith(ROBUSTBENCH):
         from .robustbench_zoo import robustbench_teacher
 

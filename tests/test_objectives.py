@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from rrm_hub import RRM, AdversarialTraining, RRMError, RRMStudent, fgsm, nfgsm, pgd
 from rrm_hub.objectives import feature_loss
+from rrm_hub.transforms import translate
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +190,31 @@ def test_ce_driven_matching_raises_the_students_loss_and_spares_the_teachers_cle
         objective.matching_inputs(student, x)
     with pytest.raises(RRMError, match="match-attack-loss"):
         RRM(teacher, match_on="adversarial", attack_loss="kl")
+
+
+def test_matching_on_mixes_and_shifted_views(teacher, student):
+    """mixup / cutmix: each mix is mostly its own image, the rest another's; shift: the image moved; the teacher
+    sees the same mixed images as the student."""
+    from rrm_hub.objectives.inputs import MixedInputs, ShiftedInputs
+
+    torch.manual_seed(0)
+    x = torch.stack([torch.full((1, 28, 28), float(v)) for v in (0.0, 1.0, 0.0, 1.0, 0.0, 1.0)])
+    mixed = MixedInputs("mixup")(None, x)
+    own = torch.where(x[:, 0, 0, 0] > 0.5, mixed[:, 0, 0, 0], 1 - mixed[:, 0, 0, 0])
+    assert (own >= 0.5 - 1e-6).all() and (mixed.amax((1, 2, 3)) == mixed.amin((1, 2, 3))).all()
+    cut = MixedInputs("cutmix")(None, x)
+    assert set(cut.unique().tolist()) <= {0.0, 1.0}
+    share = (cut == x).float().mean((1, 2, 3))
+    assert (share >= 0.5 - 0.05).all() and (share < 1).any()
+    image = torch.rand(4, 1, 28, 28)
+    shifted = ShiftedInputs(2)(None, image)
+    assert all(any(torch.equal(shifted[i], translate(image[i], dy, dx)) for dy in range(-2, 3) for dx in range(-2, 3))
+               for i in range(4))
+    seen = []
+    handle = teacher.preprocess.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    loss, logs = RRM(teacher, match_on="cutmix", clean_weight=1.0)(student, image, torch.arange(4))
+    handle.remove()
+    assert len(seen) == 2 and torch.equal(seen[0], image) and not torch.equal(seen[1], image)
+    assert torch.isfinite(loss) and "feat_clean" in logs
+    with pytest.raises(RRMError, match="mixup or cutmix"):
+        MixedInputs("blend")

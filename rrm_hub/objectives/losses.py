@@ -51,3 +51,10 @@ class Mismatch:
                                f"{tuple(target.shape[1:])}; build the student with RRMStudent.for_teacher")
         parts = [feature_loss(f, t, self.kind) for f, t in zip(features, targets, strict=True)]
         return sum(w * part for w, part in zip(self.weights, parts, strict=True)), parts
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the softmax distributions, summed over classes and averaged over the batch: RSLAD's
+    and AdaAD's divergence (`distillation_loss` at temperature 1); the teacher's logits keep their graph."""
+    return F.kl_div(F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.float(), dim=1),
+                    reduction="batchmean", log_target=True)

@@ -17,7 +17,7 @@ from ..errors import RRMError
 from ..memory import CARRIED_STEP, PerturbationMemory
 from ..teacher_cache import TeacherCache
 from .base import Logs, ObjectiveBase, warmup_scale
-from .inputs import AttackedInputs, CleanInputs, FreeInputs, InputMaker, NoisyInputs
+from .inputs import AttackedInputs, CleanInputs, FreeInputs, InputMaker, MixedInputs, NoisyInputs, ShiftedInputs
 from .losses import Mismatch, distillation_loss
 from .targets import TeacherTargets
 
@@ -38,6 +38,10 @@ def input_maker(options: RRMOptions, norm: str, memory: PerturbationMemory | Non
         return CleanInputs()
     if options.match_on == "noise":
         return NoisyInputs(options.eps, norm, options.noise)
+    if options.match_on in MixedInputs.KINDS:
+        return MixedInputs(options.match_on, options.mix_alpha)
+    if options.match_on == "shift":
+        return ShiftedInputs(options.shift)
     if options.attack == "free":  # moved by the training step's own backward pass, for the next epoch
         return FreeInputs(memory, options.eps, norm, step_size)
     attack_at = lambda factor: matching_attack(options, options.eps * factor, norm, step_size)  # noqa: E731
@@ -52,6 +56,9 @@ class RRM(ObjectiveBase):
     natural step:
     - match_on="clean": on the training images (one teacher forward);
     - "noise": on images plus random `noise` of size `eps`, for teacher and student alike (one teacher forward);
+    - "mixup" / "cutmix" / "shift": on mixes of two training images or shifted views, the teacher seeing the same
+      (one teacher forward; `clean_weight=1` matches the clean images too: one more teacher forward, and the
+      student on twice the batch);
     - "adversarial": on images moved by `steps` signed-gradient steps on the student (`steps` more student
       forward/backwards) that raise its cross-entropy (`attack_loss="ce"`, as ARD crafts its examples) or its
       mismatch with the teacher's clean representation ("mismatch"); `attack="n-fgsm"` is N-FGSM's step (de Jorge

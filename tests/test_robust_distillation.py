@@ -1,0 +1,232 @@
+"""ARD, RSLAD and AdaAD: their losses by hand, the direction of their attacks, the teacher cache and the carried
+attack, and the methods by name."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rrm_hub import RRMError, RRMStudent, fgsm, pgd
+from rrm_hub.memory import PerturbationMemory
+from rrm_hub.methods import make_objective
+from rrm_hub.objectives import ARD, RSLAD, AdaAD, kl_divergence
+from rrm_hub.objectives.inputs import AttackedInputs
+from rrm_hub.teacher_cache import TeacherCache
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def student():
+    torch.manual_seed(0)
+    return RRMStudent.for_teacher("resnet18", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
+                                  model_args={"layers": (1, 1, 1, 1), "channels": (8, 8, 16, 16)}).eval()
+
+
+def attack(eps=0.1, steps=3):
+    return lambda factor: pgd(eps * factor, "linf", steps)
+
+
+def kl_by_hand(student_logits, teacher_logits, t=1.0):
+    """sum_c p_t (log p_t - log p_s), averaged over the batch, times t^2."""
+    p_t = torch.exp(teacher_logits / t) / torch.exp(teacher_logits / t).sum(1, keepdim=True)
+    p_s = torch.exp(student_logits / t) / torch.exp(student_logits / t).sum(1, keepdim=True)
+    return (p_t * (p_t.log() - p_s.log())).sum(1).mean() * t * t
+
+
+class Fixed:
+    """An input maker that hands back given images (the loss is then checked on known inputs)."""
+
+    perturbs, reads_clean_target, current = True, False, fgsm(0.1)
+
+    def __init__(self, x_adv):
+        self.x_adv = x_adv
+
+    def __call__(self, model, x, y=None, origins=None, mismatch=None):
+        return self.x_adv
+
+
+def test_ard_loss_matches_a_hand_computation(teacher, student):
+    x, y = torch.rand(5, 1, 28, 28), torch.arange(5)
+    x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    objective = ARD(teacher, attack(), weight=0.7, temperature=4.0)
+    objective.inputs = Fixed(x_adv)
+    loss, logs = objective(student, x, y)
+    with torch.no_grad():
+        ce = -torch.log_softmax(student(x), 1)[torch.arange(5), y].mean()
+        expected = 0.7 * kl_by_hand(student(x_adv), teacher(x), 4.0) + 0.3 * ce
+    assert torch.allclose(loss, expected, atol=1e-4) and torch.allclose(logs["ce"], ce, atol=1e-5)
+    objective = ARD(teacher, attack())  # the authors' defaults: weight 1 (no CE term), T 30
+    objective.inputs = Fixed(x_adv)
+    loss, logs = objective(student, x, y)
+    assert "ce" not in logs and torch.allclose(loss, kl_by_hand(student(x_adv), teacher(x), 30.0).detach(), atol=1e-3)
+    with pytest.raises(RRMError, match="ard-weight"):
+        ARD(teacher, attack(), weight=1.5)
+
+
+def test_rslad_and_adaad_losses_match_hand_computations(teacher, student):
+    x, y = torch.rand(5, 1, 28, 28), torch.arange(5)
+    x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    rslad = RSLAD(teacher, attack())
+    rslad.inputs = Fixed(x_adv)
+    loss, logs = rslad(student, x, y)
+    with torch.no_grad():
+        adversarial, clean = kl_by_hand(student(x_adv), teacher(x)), kl_by_hand(student(x), teacher(x))
+    assert torch.allclose(loss, 5 / 6 * adversarial + 1 / 6 * clean, atol=1e-5)
+    assert torch.allclose(logs["kl_clean"], clean, atol=1e-5)
+    adaad = AdaAD(teacher, attack())
+    adaad.inputs = Fixed(x_adv)
+    loss, _ = adaad(student, x, y)
+    with torch.no_grad():
+        assert torch.allclose(loss, kl_by_hand(student(x_adv), teacher(x_adv)), atol=1e-5)  # both models on x'
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters()) and student.proj.weight.grad is not None
+    student.zero_grad(set_to_none=True)
+
+
+def test_each_attack_raises_the_loss_it_is_meant_to(teacher, student):
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    with torch.no_grad():
+        clean_target = teacher(x)
+    torch.manual_seed(0)
+    ard, rslad, adaad = ARD(teacher, attack()), RSLAD(teacher, attack()), AdaAD(teacher, attack())
+    moved = ard.inputs(student, x, y)
+    with torch.no_grad():
+        assert F.cross_entropy(student(moved), y) > F.cross_entropy(student(x), y)  # ARD: the student's CE
+    moved = rslad.inputs(student, x, y, None, lambda logits: kl_divergence(logits, clean_target))
+    with torch.no_grad():  # RSLAD: the divergence from the teacher's clean soft labels
+        assert kl_divergence(student(moved), clean_target) > kl_divergence(student(x), clean_target)
+    moved = adaad.inputs(student, x, y)
+    assert (moved - x).abs().max() <= 0.1 + 1e-6 and moved.min() >= 0 and moved.max() <= 1
+    with torch.no_grad():  # AdaAD: the divergence with both models on the moved images
+        assert kl_divergence(student(moved), teacher(moved)) > kl_divergence(student(x), teacher(x))
+    # the gradient AdaAD's attack follows goes through the teacher too
+    point = x.clone().requires_grad_(True)
+    (joint,) = torch.autograd.grad(adaad.inputs.loss_of(student, y, None)(point), point)
+    point = x.clone().requires_grad_(True)
+    (student_only,) = torch.autograd.grad(kl_divergence(student(point), teacher(point).detach()), point)
+    assert not torch.allclose(joint, student_only)
+    with pytest.raises(RRMError, match="joint"):
+        AttackedInputs(attack(), "joint")
+
+
+def test_the_cache_serves_ard_and_rslad_and_the_teacher_does_not_run(teacher, student, mnist):
+    from rrm_hub import make_loader
+    from rrm_hub.features import default_layer
+
+    layer = default_layer(teacher.network)
+    loader = make_loader(mnist, "train", 16, limit=16)
+    cache = TeacherCache.build(teacher, layer, loader)
+    x, y = next(iter(loader))
+    for method in (ARD, RSLAD):
+        torch.manual_seed(1)
+        live = method(teacher, attack(), teacher_layer=layer)(student, x, y)[0]
+        cached = method(teacher, attack(), teacher_layer=layer, cache=cache)
+        seen = []
+        handle = teacher.preprocess.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(1))
+        torch.manual_seed(1)
+        loss = cached(student, x, y)[0]
+        handle.remove()
+        assert not seen and torch.allclose(loss, live, atol=1e-4)
+        cached.remove()
+    with pytest.raises(RRMError, match="cache-teacher"):
+        AdaAD(teacher, attack(), cache=cache)
+
+
+def test_the_carried_attack_goes_on_where_it_ended(teacher, student):
+    x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
+    origins = torch.tensor([[i, 0, 0, 0] for i in (3, 5, 0, 7)])
+    for name in ("ard", "rslad", "adaad"):
+        memory = PerturbationMemory(8, (1, 28, 28))
+        objective = make_objective(name, eps=0.2, norm="linf", teacher=teacher, memory=memory,
+                                   rrm_options={"eps_warmup": 0.0})
+        assert objective.uses_origins and objective.current.alpha == pytest.approx(0.1)  # steps of 0.5 eps
+        objective(student, x, y, origins)
+        stored = memory.deltas[[3, 5, 0, 7]].float()
+        assert memory.seen[[3, 5, 0, 7]].all() and not memory.seen[[1, 2, 4, 6]].any()
+        assert 0 < stored.abs().max() <= 0.2 + 1e-3
+        start = memory.start(0.2, "linf", x, origins)
+        assert torch.allclose(start, stored, atol=1e-3)  # the next epoch's attack starts there
+        assert set(objective.checkpoint_state()) == {"deltas", "seen"}
+
+
+def test_methods_by_name_and_their_rules(teacher):
+    from rrm_hub.config import DistillConfig
+
+    for name, kind in (("ard", ARD), ("rslad", RSLAD), ("adaad", AdaAD)):
+        objective = make_objective(name, eps=0.3, norm="linf", teacher=teacher,
+                                   rrm_options={"steps": 2, "eps": None}, robust_options={"ard_temperature": 5.0})
+        assert isinstance(objective, kind) and objective.current.steps == 2 and objective.current.eps == 0.3
+    assert make_objective("ard", eps=0.3, norm="l2", teacher=teacher, robust_options={"ard_weight": 0.5}).weight == 0.5
+    with pytest.raises(RRMError, match="needs a teacher"):
+        make_objective("rslad", eps=0.3, norm="linf")
+    with pytest.raises(RRMError, match="runs its attack"):
+        make_objective("ard", eps=0.3, norm="linf", teacher=teacher, rrm_options={"attack": "free"})
+    config = DistillConfig()
+    config.method, config.rrm.cache_teacher = "adaad", True
+    with pytest.raises(RRMError, match="not adaad"):
+        config.validate()
+    config.method = "rslad"
+    config.validate()
+    config.rrm.cache_teacher, config.rrm.attack = False, "n-fgsm"
+    with pytest.raises(RRMError, match="match-start random"):
+        config.validate()
+    assert config.rrm.carries("rslad") and not config.rrm.carries("kd")
+
+
+def test_the_benchmark_and_the_recipe_run_them_by_name(tmp_path):
+    from .test_hub import _recipe
+
+    report = _recipe("benchmark").main([
+        "--methods", "ard", "rslad", "adaad", "--epochs", "1", "--max-steps", "2",
+        "--epoch-eval-examples", "16", "--eval-examples", "16", "--student", "resnet18", "--student-kwargs",
+        "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--target", "0", "--output-dir", str(tmp_path / "bench")])
+    for method in ("ard", "rslad", "adaad"):
+        entry = report["methods"][method]
+        assert entry["steps"] == 2 and 0 <= entry["robust_accuracy"] <= 1
+    metrics = _recipe("rrm").main([
+        "--method", "rslad", "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)",
+        "--max-steps", "2", "--epoch-eval-examples", "0", "--eval-examples", "16", "--sweep-examples", "16",
+        "--eval-steps", "2", "--no-checks", "--output-dir", str(tmp_path / "rslad")])
+    assert metrics["method"] == "rslad" and metrics["rrm_options"] is None
+    assert metrics["attack"]["match_start"] == "previous" and (tmp_path / "rslad" / "model.safetensors").exists()
+
+
+def test_step_costs_and_the_study_budget(tmp_path):
+    from rrm_hub.config import RECIPE_RRM, RRMOptions
+    from rrm_hub.methods import step_cost
+
+    recipe = RRMOptions(**RECIPE_RRM)
+    costs = {m: step_cost(m, rrm=recipe) for m in ("natural", "pgd_at", "atta_at", "kd", "rrm", "ard", "rslad",
+                                                   "adaad")}
+    assert costs == pytest.approx({"natural": 1, "pgd_at": 8, "atta_at": 2, "kd": 4 / 3, "rrm": 7 / 3, "ard": 7 / 3,
+                                   "rslad": 10 / 3, "adaad": 10 / 3})
+    assert step_cost("rrm", rrm=RRMOptions()) == pytest.approx(4 / 3)  # the paper's clean matching
+    assert step_cost("ard", rrm=recipe, cached=True) == 2 and step_cost("ard", rrm=recipe, ard_weight=0.5) == 10 / 3
+    assert step_cost("rrm", rrm=RRMOptions(match_on="mixup", clean_weight=1)) == pytest.approx(8 / 3)
+    assert step_cost("adaad", rrm=RRMOptions(steps=10)) == pytest.approx(21 + 1 / 3)
+    with pytest.raises(RRMError, match="unknown method"):
+        step_cost("sat")
+    spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "recipes" / "study.py")
+    study = sys.modules["recipe_study"] = importlib.util.module_from_spec(spec)  # its dataclass needs the module
+    spec.loader.exec_module(study)
+    config = study.StudyConfig(budget=10)
+    for variant, epochs in (("vit/rslad", "3"), ("vit/pgd_at", "1"), ("vit/clean", "8")):
+        cmd = study.command(*study.variants()[variant], config, tmp_path)
+        assert cmd[cmd.index("--epochs") + 1] == epochs
+
+
+def test_the_l2_teacher_loads_offline_by_name():
+    import json
+
+    from rrm_hub import load_teacher
+    from rrm_hub.teachers import L2_TEACHER
+
+    teacher = load_teacher("default-l2")
+    assert teacher.num_classes == 10 and "L2" in teacher.source
+    metrics = json.loads((L2_TEACHER / "metrics.json").read_text())
+    assert metrics["norm"] == "l2" and metrics["eps"] == 2.0 and metrics["method"] == "pgd_at"
+    with torch.no_grad():
+        assert teacher(torch.rand(2, 1, 28, 28)).shape == (2, 10)
