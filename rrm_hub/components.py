@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from .config import DataConfig, EvalConfig, RRMConfig, TrainConfig
 from .data import ImageData, ModelInput, load_image_data, make_loader
 from .errors import RRMError
-from .sections import MAX_EPOCH_CHECKS
+from .sections import MAX_EPOCH_CHECKS, SMOKE_RUN_IMAGES
 from .streaming import stream_length
 
 
@@ -108,9 +108,12 @@ def evaluation_for_run(evaluation: EvalConfig, images: ImageData, training: Trai
     """The evaluation settings scaled to the run (`EvalConfig.for_run`); a line says what a smoke run leaves out."""
     trained = images_trained(images, training, accelerator.num_processes)
     scaled = evaluation.for_run(trained)
-    if scaled.no_checks and not evaluation.no_checks:
+    skipped = [what for what, off in (("per-epoch check", scaled.epoch_eval_examples == 0),
+                                      ("epsilon sweep", not scaled.sweeps),
+                                      ("gradient-masking checks", scaled.no_checks)) if off]
+    if trained < SMOKE_RUN_IMAGES and skipped:
         accelerator.print(f"smoke run ({trained} images trained): final numbers on {scaled.eval_examples} test "
-                          "images, no per-epoch check, epsilon sweep or gradient-masking checks")
+                          f"images, no {', '.join(skipped)}")
     return scaled
 
 

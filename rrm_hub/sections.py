@@ -220,9 +220,8 @@ class EvalConfig:
     def for_run(self, images_trained: int) -> EvalConfig:
         """These settings with the defaults left open scaled to a run that trains on `images_trained` images (the
         images of all its steps): full for runs of at least 40,000 images, proportionally fewer (at
-        least 16) for shorter ones; a smoke run (under 5,000 images) skips the per-epoch check, the sweep and the
-        gradient-masking checks.
-        Values given are kept."""
+        least 16) for shorter ones; a smoke run (under 5,000 images) skips the per-epoch check, the sweep and (unless
+        --eval-examples is given) the gradient-masking checks. Values given are kept."""
         scale = min(1.0, images_trained / FULL_RUN_IMAGES)
         smoke = images_trained < SMOKE_RUN_IMAGES
 
@@ -233,7 +232,7 @@ class EvalConfig:
                        sweep_examples=0 if smoke and self.sweep_examples is None else scaled(self.sweep_examples, 250),
                        epoch_eval_examples=(0 if smoke and self.epoch_eval_examples is None and not self.keep_best
                                             else scaled(self.epoch_eval_examples, 256)),
-                       no_checks=self.no_checks or smoke)
+                       no_checks=self.no_checks or (smoke and self.eval_examples is None))
 
     @property
     def sweeps(self) -> bool:
