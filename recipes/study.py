@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rrm_hub import cli
+from rrm_hub.attacks import Norm
 from rrm_hub.cards import save_json
 from rrm_hub.config import AdversarialTrainConfig, DistillConfig, RunConfig, StudentConfig
 from rrm_hub.errors import RRMError, one_line_errors
@@ -41,6 +42,11 @@ class StudyConfig(RunConfig):
     extra: str = setting("", "flags added to every run, e.g. '--epochs 60 --batch-size 256'")
     jobs: int = setting(1, "runs at a time", ge=1)
     eps: float = setting(0.3, "attack budget of every run", ge=0)
+    norm: Norm = setting("linf", "threat model of every run")
+    teacher: str | None = setting(None, "teacher of the RRM / distillation runs (default: the recipe's; "
+                                  "default-l2 for --norm l2)")
+    seeds: list[int] = setting(help="each variant runs once per seed", nargs="+", factory=lambda: [0])
+    twin: str = setting("atta_at", "the teacherless baseline each variant is compared with (STUDENT/TWIN)")
     budget: float = setting(0.0, "compute of every run, in natural-step epochs: each trains budget / (its step cost "
                             "in natural steps, rrm_hub.methods.step_cost) epochs (0: the variants' own epochs)", ge=0)
     eps_sweep: list[float] = setting(help="epsilons reported in the table (PGD-20)", nargs="+", ge=0,
@@ -82,15 +88,19 @@ def step_cost_of(recipe: str, flags: list[str]) -> float:
     return step_cost(run.method, attack_steps=run.attack_steps)
 
 
-def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path) -> list[str]:
-    """The recipe run of one variant: its flags, its epochs under --budget, the study's evaluation flags, --extra."""
+def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path, seed: int = 0) -> list[str]:
+    """The recipe run of one variant: its flags, its epochs under --budget, the study's threat model, teacher,
+    seed and evaluation flags, --extra."""
     sweep = [f"{e:g}" for e in config.eps_sweep]
     epochs = ["--epochs", str(max(1, round(config.budget / step_cost_of(recipe, flags))))] if config.budget else []
-    return [sys.executable, str(RECIPES / recipe), *flags, *epochs, "--eps", str(config.eps), "--eps-sweep", *sweep,
-            "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), *shlex.split(config.extra)]
+    teacher = config.teacher or ("default-l2" if config.norm == "l2" else None)
+    teacher_flags = ["--teacher", teacher] if teacher and recipe == "rrm.py" else []
+    return [sys.executable, str(RECIPES / recipe), *flags, *epochs, *teacher_flags, "--norm", config.norm,
+            "--eps", str(config.eps), "--seed", str(seed), "--eps-sweep", *sweep, "--sweep-steps", "20",
+            "--no-checks", "--output-dir", str(folder), *shlex.split(config.extra)]
 
 
-def run_one(name: str, cmd: list[str], folder: Path) -> dict:
+def run_one(name: str, cmd: list[str], folder: Path, seed: int = 0) -> dict:
     """Run one variant, its output in `folder`/run.log; its metrics, or the error it ended with."""
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -100,12 +110,12 @@ def run_one(name: str, cmd: list[str], folder: Path) -> dict:
     if code != 0 or not (folder / "metrics.json").exists():
         tail = (folder / "run.log").read_text().strip().splitlines()[-1:] or ["no output"]
         print(f"{name}: FAILED ({tail[0]})", flush=True)
-        return {"variant": name, "error": tail[0], "command": shlex.join(cmd)}
+        return {"variant": name, "seed": seed, "error": tail[0], "command": shlex.join(cmd)}
     metrics = json.loads((folder / "metrics.json").read_text())
-    row = summarize(name, metrics, seconds)
+    row = {"seed": seed, **summarize(name, metrics, seconds)}
     row["command"] = shlex.join(cmd)
     row["step_cost"] = round(step_cost_of(*variants()[name]), 3)
-    print(f"{name}: clean {row['clean']:.1%}, robust {row['robust']:.1%} at eps {metrics['eps']:g}, "
+    print(f"{name} (seed {seed}): clean {row['clean']:.1%}, robust {row['robust']:.1%} at eps {metrics['eps']:g}, "
           f"{row['seconds_per_step'] * 1000:.1f} ms/step, {row['train_seconds']:.0f}s", flush=True)
     return row
 
@@ -128,15 +138,46 @@ def table(rows: list[dict], eps: float) -> str:
     epsilons = sorted({e for r in done for e in r["sweep"]}, key=float)
     lines = ["| variant | step cost | epochs | natural-step epochs | ms/step | train s | clean | "
              + " | ".join(f"eps {e}" for e in epsilons) + " | final suite |", "|---" * (8 + len(epsilons)) + "|"]
+    seeded = len({r.get("seed", 0) for r in done}) > 1
     for r in done:
+        name = f"{r['variant']} (seed {r['seed']})" if seeded else r["variant"]
         robust = " | ".join(f"{r['sweep'][e]:.1%}" if e in r["sweep"] else "-" for e in epsilons)
         cost = r.get("step_cost")
         units = "-" if cost is None else f"{cost * r['epochs']:.1f}"
         final = ", ".join(f"{name} {value:.1%}" for name, value in r["suite"].items())
-        lines.append(f"| {r['variant']} | {'-' if cost is None else f'{cost:.2f}'} | {r['epochs']} | {units} | "
+        lines.append(f"| {name} | {'-' if cost is None else f'{cost:.2f}'} | {r['epochs']} | {units} | "
                      f"{r['seconds_per_step'] * 1000:.1f} | {r['train_seconds']:.0f} | {r['clean']:.1%} | {robust} | "
                      f"{final} |")
     lines += [f"| {r['variant']} | failed: {r['error']} |" for r in rows if "error" in r]
+    return "\n".join(lines) + "\n"
+
+
+def contributions(rows: list[dict], twin: str) -> list[dict]:
+    """Per variant: mean, lowest and highest final robust accuracy over its seeds, and the teacher's contribution,
+    the mean minus that of the same student's teacherless `twin` (None where the twin was not run)."""
+    done = [r for r in rows if "error" not in r]
+    names = list(dict.fromkeys(r["variant"] for r in done))
+    robust = {n: [r["robust"] for r in done if r["variant"] == n] for n in names}
+    clean = {n: [r["clean"] for r in done if r["variant"] == n] for n in names}
+    summary = []
+    for name in names:
+        mean = sum(robust[name]) / len(robust[name])
+        baseline = robust.get(f"{name.split('/')[0]}/{twin}")
+        summary.append({"variant": name, "seeds": len(robust[name]), "clean": sum(clean[name]) / len(clean[name]),
+                        "robust": mean, "lowest": min(robust[name]), "highest": max(robust[name]),
+                        "teacher_contribution": None if baseline is None or name.endswith(f"/{twin}")
+                        else mean - sum(baseline) / len(baseline)})
+    return summary
+
+
+def summary_table(summary: list[dict], twin: str) -> str:
+    """Markdown: each variant's mean over seeds and its difference from the teacherless twin."""
+    lines = [f"| variant | seeds | clean (mean) | final robust (mean) | lowest - highest | minus {twin} |",
+             "|---|---|---|---|---|---|"]
+    for s in summary:
+        delta = "-" if s["teacher_contribution"] is None else f"{s['teacher_contribution'] * 100:+.1f} points"
+        lines.append(f"| {s['variant']} | {s['seeds']} | {s['clean']:.1%} | {s['robust']:.1%} | "
+                     f"{s['lowest']:.1%} - {s['highest']:.1%} | {delta} |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,14 +214,18 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise RRMError(f"unknown variant(s) {', '.join(unknown)}; see --list")
     output_dir = Path(config.output_dir)
-    runs = {v: command(*known[v], config, output_dir / v.replace("/", "__")) for v in config.variants}
+    runs = [(v, seed, output_dir / (v.replace("/", "__") + (f"-seed{seed}" if len(config.seeds) > 1 else "")))
+            for v in config.variants for seed in config.seeds]
     with ThreadPoolExecutor(config.jobs) as pool:
-        rows = list(pool.map(lambda v: run_one(v, runs[v], output_dir / v.replace("/", "__")), runs))
-    result = {"eps": config.eps, "jobs": config.jobs, "extra": config.extra, "rows": rows}
+        rows = list(pool.map(lambda r: run_one(r[0], command(*known[r[0]], config, r[2], r[1]), r[2], r[1]), runs))
+    summary = contributions(rows, config.twin)
+    result = {"eps": config.eps, "norm": config.norm, "jobs": config.jobs, "extra": config.extra, "budget":
+              config.budget, "seeds": config.seeds, "twin": config.twin, "rows": rows, "summary": summary}
     save_json(result, output_dir / "study.json")
-    (output_dir / "study.md").write_text(table(rows, config.eps))
+    text = table(rows, config.eps) + "\n" + summary_table(summary, config.twin)
+    (output_dir / "study.md").write_text(text)
     plot(rows, output_dir / "study.png", config.eps)
-    print(table(rows, config.eps))
+    print(text)
     return result
 
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from . import splits
 from .errors import RRMError
 from .streaming import PixelStream, open_stream
 from .transforms import SMALL_IMAGES, Augment, RandomShift, build_transform, resolve_augment, timm_transform, to_mode
@@ -157,16 +158,14 @@ def _find_column(ds: datasets.Dataset, wanted: str | None, kind: type, names: tu
 def _split(loaded, train_split: str, test_split: str | None, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    if train_split not in loaded:
-        raise RRMError(f"dataset has no split '{train_split}' (splits: {list(loaded)}); fix --train-split")
+    train = splits.pick(loaded, train_split, "--train-split")
     if test_split is not None:
-        if test_split not in loaded:
-            raise RRMError(f"dataset has no split '{test_split}' (splits: {list(loaded)}); fix --test-split")
-        return loaded[train_split], loaded[test_split]
+        return train, splits.pick(loaded, test_split, "--test-split")
+    train_name = splits.parse(train_split, "--train-split")[0]
     for name in _TEST_SPLITS:
-        if name in loaded and name != train_split:
-            return loaded[train_split], loaded[name]
-    parts = loaded[train_split].train_test_split(test_size=0.2, seed=seed)  # no test split: hold out 20%
+        if name in loaded and name != train_name:
+            return train, loaded[name]
+    parts = train.train_test_split(test_size=0.2, seed=seed)  # no test split: hold out 20%
     return parts["train"], parts["test"]
 
 

@@ -32,7 +32,8 @@ class DataConfig:
     dataset_config: str | None = setting(None, "dataset configuration name, if it has several")
     image_column: str | None = setting(None, "image column (default: found from the features)")
     label_column: str | None = setting(None, "label column (default: found from the features)")
-    train_split: str = setting("train", "training split")
+    train_split: str = setting("train", "training split, or a slice of it as datasets writes one: train[:1000], "
+                                 "train[:10%]")
     test_split: str | None = setting(None, "default: test or validation, else 20% of train")
     image_size: int | None = setting(None, "train and evaluate at this size (default: the images' own size for "
                                      "--augment shift|none; the student's input size for --augment timm)", ge=1)

@@ -13,6 +13,7 @@ import random
 import datasets
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import splits
 from .errors import RRMError
 from .transforms import to_mode
 
@@ -31,18 +32,18 @@ def open_stream(spec: str, config: str | None, train_split: str, test_split: str
         raise RRMError(f"could not stream dataset '{spec}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
                        "--streaming reads Hub datasets and folders of data files (parquet, images); drop it for a "
                        "folder saved with save_to_disk") from None
-    if train_split not in loaded:
-        raise RRMError(f"dataset has no split '{train_split}' (splits: {list(loaded)}); fix --train-split")
-    train = loaded[train_split]
-    named = test_split or next((name for name in tests if name in loaded and name != train_split), None)
-    if test_split is not None and test_split not in loaded:
-        raise RRMError(f"dataset has no split '{test_split}' (splits: {list(loaded)}); fix --test-split")
-    if named is None:  # no test split: the first images of the training stream are kept out of training
-        test, train = train.take(TEST_IMAGES), train.skip(TEST_IMAGES)
+    train = splits.pick(loaded, train_split, "--train-split")
+    train_name = splits.parse(train_split, "--train-split")[0]
+    if test_split is not None:
+        test = splits.pick(loaded, test_split, "--test-split").take(TEST_IMAGES)
     else:
-        test = loaded[named].take(TEST_IMAGES)
-    info = train.info.splits.get(train_split) if train.info and train.info.splits else None
-    length = info.num_examples - (TEST_IMAGES if named is None else 0) if info and info.num_examples else None
+        named = next((name for name in tests if name in loaded and name != train_name), None)
+        test = loaded[named].take(TEST_IMAGES) if named else None
+    info = train.info.splits.get(train_name) if train.info and train.info.splits else None
+    length = splits.stream_length(train_split, info.num_examples if info and info.num_examples else None)
+    if test is None:  # no test split: the first images of the training stream are kept out of training
+        test, train = train.take(TEST_IMAGES), train.skip(TEST_IMAGES)
+        length = None if length is None else max(0, length - TEST_IMAGES)
     features = train.features
     return (train, datasets.Dataset.from_list(list(test), features=features),
             datasets.Dataset.from_list(list(train.take(SAMPLE)), features=features), length)

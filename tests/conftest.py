@@ -80,6 +80,28 @@ def tiny_batch(n: int = 8, channels: int = 1, size: int = 28) -> torch.Tensor:
     return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def run_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`run_recipe` without the fresh process: `args[0]`'s main(args[1:]) in this one, its stdout and stderr
+    captured. For tests about what a recipe does, not about how a new process starts it."""
+    import contextlib
+    import importlib.util
+    import io
+
+    script = ROOT / args[0]
+    spec = importlib.util.spec_from_file_location(f"recipe_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up
+    spec.loader.exec_module(module)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            module.main(list(args[1:]))
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
 def call_recipe(script: str, args: list[str]) -> tuple[int, str]:
     """Run `recipes/<script>`'s main(args) in this process; returns its exit code and what it wrote to stderr."""
     import contextlib

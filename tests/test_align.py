@@ -10,7 +10,7 @@ from rrm_hub import RRM, RRMError, RRMStudent
 from rrm_hub.align import Match, common_grid, parse_match, teacher_pairs, to_grid, view, view_shape
 from rrm_hub.objectives import feature_loss
 
-from .conftest import run_recipe
+from .conftest import run_here
 
 VIT = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 48, "num_heads": 2}
 TWO_PAIRS = [Match("layer2", "blocks.0"), Match("fc@input", None, 0.5)]
@@ -145,7 +145,7 @@ def test_vit_student_matched_at_two_pairs_trains_saves_and_reloads(tmp_path):
             "--match", "layer2:blocks.0", "--match", "fc@input:penultimate:0.5", "--match-mode", "spatial",
             "--max-steps", "3", "--epoch-eval-examples", "0", "--eval-examples", "16", "--sweep-examples", "16",
             "--no-checks", "--output-dir", str(out)]
-    result = run_recipe(args)
+    result = run_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "match layer2:blocks.0 (weight 1, teacher (64, 4, 4), on a 4x4 grid)" in result.stdout
     assert "feat/layer2:blocks.0=" in result.stdout

@@ -12,7 +12,7 @@ from rrm_hub.config import AdversarialTrainConfig
 from rrm_hub.evaluate import EvaluateConfig
 from rrm_hub.reference import recipe_configs, reference
 
-from .conftest import ROOT, call_recipe, run_recipe
+from .conftest import ROOT, call_recipe, run_here
 
 QUICK = ["--epoch-eval-examples", "16", "--eval-examples", "16", "--sweep-examples", "16", "--eval-steps", "1",
          "--no-checks"]
@@ -167,7 +167,7 @@ def test_distill_is_a_library_call(tmp_path):
 def test_l2_runs_end_to_end(tmp_path):
     """The paper's other threat model: --norm l2 --eps 2.0 through the default recipe."""
     out = tmp_path / "l2"
-    result = run_recipe(["recipes/rrm.py", "--norm", "l2", "--eps", "2.0", "--max-steps", "3", *QUICK,
+    result = run_here(["recipes/rrm.py", "--norm", "l2", "--eps", "2.0", "--max-steps", "3", *QUICK,
                          "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

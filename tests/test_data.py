@@ -18,6 +18,18 @@ def test_embedded_mnist_split_is_fixed_and_stratified(mnist):
     assert again.test["label"] == mnist.test["label"]
 
 
+def test_a_slice_of_the_training_split_trains_on_part_of_it(mnist):
+    first = load_image_data(train_split="train[:1000]")
+    assert len(first.train) == 1000 and first.train["label"] == mnist.train["label"][:1000]
+    assert first.test["label"] == mnist.test["label"]  # the test split is the same
+    assert load_image_data(train_split="train[:10%]").train["label"] == mnist.train["label"][:400]
+    assert load_image_data(train_split="train[3900:]").train["label"] == mnist.train["label"][3900:]
+    for bad, message in (("train[a]", "not a split or a slice of one"), ("tran[:5]", "no split 'tran'"),
+                         ("train[9000:]", "selects no images of the 4000")):
+        with pytest.raises(RRMError, match=message):
+            load_image_data(train_split=bad)
+
+
 def test_loader_gives_pixels_in_unit_range(mnist):
     x, y = next(iter(make_loader(mnist, "train", 64, augment=True)))
     assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32

@@ -13,7 +13,7 @@ from rrm_hub.checks import GradientMaskingWarning, MaskingChecks, check_monotone
 from rrm_hub.evaluate import attack_hits, evaluate_suite
 from rrm_hub.suites import WORST_CASE, AutoAttackPart, AutoAttackRun, worst_case
 
-from .conftest import ROOT, run_recipe
+from .conftest import ROOT, run_here, run_recipe
 
 
 class Quantized(nn.Module):
@@ -160,7 +160,7 @@ QUICK_CHECKS = MaskingChecks(few_steps=10, many_steps=25, probe_queries=200)
 
 
 def test_an_honest_model_passes_the_checks(undefended, mnist):
-    loader = make_loader(mnist, "test", 100, limit=100)
+    loader = make_loader(mnist, "test", 64, limit=64)
     result = evaluate_suite(undefended, loader, 0.05, "linf", "standard", checks=QUICK_CHECKS)
     robust = result["robust_accuracy"]
     assert list(robust) == ["apgd-ce", "apgd-t", "fab-t", "square", WORST_CASE]  # AutoAttack's order
@@ -170,7 +170,7 @@ def test_an_honest_model_passes_the_checks(undefended, mnist):
     assert result["attack_package"].startswith("pyautoattack ") and result["autoattack_checks"] == []
     assert set(result["checks"]) == {"large_eps", "more_steps", "black_box", "monotone_in_eps"}
     assert all(check["passed"] for check in result["checks"].values()), result["checks"]
-    assert [p["eps"] for p in result["sweep"]] == [0.0, 0.05] and result["num_examples"] == 100
+    assert [p["eps"] for p in result["sweep"]] == [0.0, 0.05] and result["num_examples"] == 64
 
 
 def test_the_versions_run_autoattacks_attacks_in_its_order():
@@ -189,11 +189,11 @@ def test_the_standard_suite_is_autoattacks_own_run(undefended, mnist):
     """One batch through the suite gives exactly what pyautoattack's run_standard_evaluation gives on it."""
     from pyautoattack import AutoAttack
 
-    x, y = next(iter(make_loader(mnist, "test", 48, limit=48)))
+    x, y = next(iter(make_loader(mnist, "test", 32, limit=32)))
     stages = AutoAttackRun("standard", 0.05)(undefended, x, y)
     ours = undefended(stages["square"]).argmax(1) == y
     reference = AutoAttack(undefended, norm="Linf", eps=0.05, version="standard", seed=0)
-    x_adv, _ = reference.run_standard_evaluation(x, y, batch_size=48)
+    x_adv, _ = reference.run_standard_evaluation(x, y, batch_size=32)
     theirs = undefended(x_adv).argmax(1) == y
     assert torch.equal(ours, theirs) and 0 < ours.sum() < len(y)
     assert ((stages["square"] - x).abs().amax(dim=(1, 2, 3)) <= 0.05 + 1e-5).all()
@@ -235,7 +235,7 @@ def test_recipe_writes_metrics_and_plot(tmp_path, small_model):
     out = tmp_path / "eval"
     args = ["recipes/evaluate.py", "--model", str(small_model), "--n-examples", "64", "--suite", "standard",
             "--eps-sweep", "0.15", "0.3", "--output-dir", str(out)]
-    result = run_recipe(args)
+    result = run_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"metrics.json", "robustness.png"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -270,7 +270,7 @@ def test_push_results_writes_the_numbers_into_the_models_own_card(tmp_path, smal
     put_in_hub_cache(repo, "someone/small", os.environ["HF_HOME"])
     args = ["recipes/evaluate.py", "--model", "someone/small", "--n-examples", "16", "--steps", "2", "--no-checks",
             "--push-results", "--output-dir", str(tmp_path / "eval")]
-    result = run_recipe([*args, "--dry-run"])
+    result = run_here([*args, "--dry-run"])
     assert result.returncode == 0, result.stderr[-3000:]
     card = ModelCard(result.stdout[result.stdout.index("---\n"):])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -278,14 +278,14 @@ def test_push_results_writes_the_numbers_into_the_models_own_card(tmp_path, smal
     assert values["top-1"] == 0.5 and card.data.license == "mit" and "A small model." in card.text
     assert values["clean accuracy"] == round(metrics["clean_accuracy"], 4)
     assert values["robust accuracy, PGD-2 (linf, eps=0.3)"] == round(metrics["robust_accuracy"]["worst_case"], 4)
-    offline = run_recipe(args)
+    offline = run_here(args)
     assert offline.returncode == 2 and "cannot push while HF_HUB_OFFLINE=1" in offline.stderr
-    bad = run_recipe(["recipes/evaluate.py", "--dry-run"])
+    bad = run_here(["recipes/evaluate.py", "--dry-run"])
     assert bad.returncode == 2 and "go with --push-results" in bad.stderr
 
 
 def test_recipe_bad_input_is_one_line():
-    result = run_recipe(["recipes/evaluate.py", "--eps", "0"], timeout=120)
+    result = run_here(["recipes/evaluate.py", "--eps", "0"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == \
         ["error: --eps must be > 0 and --eps-sweep values >= 0"]
@@ -302,12 +302,12 @@ def test_recipe_evaluates_a_bare_weight_file(tmp_path):
     weights = str(tmp_path / "weights.safetensors")
     save_file(model.state_dict(), weights)
     out = tmp_path / "eval"
-    result = run_recipe(["recipes/evaluate.py", "--model", "resnet18", "--checkpoint", weights,
+    result = run_here(["recipes/evaluate.py", "--model", "resnet18", "--checkpoint", weights,
                          "--model-kwargs", *kwargs, "--n-examples", "16", "--no-checks", "--steps", "2",
                          "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["num_examples"] == 16
-    result = run_recipe(["recipes/evaluate.py", "--model", weights, "--arch", "resnet18",
+    result = run_here(["recipes/evaluate.py", "--model", weights, "--arch", "resnet18",
                          "--model-kwargs", *kwargs, "--n-examples", "16", "--no-checks", "--steps", "2",
                          "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -74,7 +74,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    args = [a if a != "40" else "400" for a in TINY]
+    args = [a if a != "20" else "400" for a in TINY]
     process = start([*args, "--output-dir", str(out)])
     wait_for_checkpoint(process, out / "checkpoints")
     process.send_signal(signal.SIGINT)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rrm_hub import RRMStudent
 
-from .conftest import ROOT, run_recipe
+from .conftest import ROOT, run_here, run_recipe
 
 CONFIG = ROOT / "recipes" / "configs" / "accelerate" / "fsdp.yaml"
 # --match-on clean: no random noise, whose draws differ between one process and two (as in test_scaling.py)
@@ -48,7 +48,7 @@ def runs(tmp_path_factory, mnist):
         result["resumed"] = run_recipe(["tests/fsdp_probe.py", *flags, "--batch-size", "16", "--output-dir",
                                         str(tmp / "resumed"), "--resume"], launcher=launcher)
     assert result["resumed"].returncode == 0, result["resumed"].stderr[-3000:]
-    result["one"] = run_recipe(["recipes/rrm.py", *flags, "--max-steps", "5", "--batch-size", "32", "--output-dir",
+    result["one"] = run_here(["recipes/rrm.py", *flags, "--max-steps", "5", "--batch-size", "32", "--output-dir",
                                 str(tmp / "one")])
     assert result["one"].returncode == 0, result["one"].stderr[-3000:]
     return result

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from rrm_hub import DEFAULT_TEACHER, RRMError, RRMStudent
 from rrm_hub.hub import push_folder, upload_plan
 
-from .conftest import ROOT, put_in_hub_cache, run_recipe
+from .conftest import ROOT, put_in_hub_cache, run_here
 
 
 def _recipe(name):
@@ -78,9 +78,9 @@ def test_push_hands_over_the_folder_and_fails_cleanly_offline(trained_folder):
                                            "README.md", "metrics.json", "robustness.png"]
     with pytest.raises(RRMError, match="cannot push while HF_HUB_OFFLINE=1"):
         push_folder(trained_folder, "user/robust-vit")
-    result = run_recipe(["recipes/push.py", str(trained_folder), "--hub-model-id", "user/robust-vit", "--dry-run"])
+    result = run_here(["recipes/push.py", str(trained_folder), "--hub-model-id", "user/robust-vit", "--dry-run"])
     assert result.returncode == 0 and "model.safetensors" in result.stdout
-    result = run_recipe(["recipes/push.py", str(trained_folder.parent), "--hub-model-id", "user/x"])
+    result = run_here(["recipes/push.py", str(trained_folder.parent), "--hub-model-id", "user/x"])
     assert result.returncode == 2 and "not a finished rrm-hub output folder" in result.stderr
 
 

@@ -18,7 +18,7 @@ from rrm_hub.models import model_input
 from rrm_hub.names import resolve, resolve_model_name
 from rrm_hub.sections import EvalConfig
 
-from .conftest import ROOT, put_in_hub_cache, run_recipe
+from .conftest import ROOT, put_in_hub_cache, run_here, run_recipe
 
 
 def _photo(kind: str, seed: int) -> Image.Image:
@@ -196,7 +196,7 @@ def test_the_papers_cifar10_config_runs_on_a_cifar_shaped_set(tmp_path):
                                      "data": {"dataset": str(tmp_path / "cifar")}, "teacher": {"name": None},
                                      "eval": {"suite": "pgd", "eval_examples": 4, "eval_steps": 1}}))
     out = tmp_path / "out"
-    result = run_recipe(["recipes/rrm.py", "--config", str(smoke), "--max-steps", "2", "--batch-size", "8",
+    result = run_here(["recipes/rrm.py", "--config", str(smoke), "--max-steps", "2", "--batch-size", "8",
                          "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -232,14 +232,20 @@ def test_streaming_from_parquet_files_continues_the_stream(parquet_digits):
     assert len(resumed) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(full[3:], resumed, strict=True))
     loader.dataset.set_epoch(4)
     assert not torch.equal(next(iter(loader))[1], full[0][1])  # another epoch, another order
+    part = load_image_data(str(parquet_digits), streaming=True, train_split="train[16:48]")
+    assert part.stream_length == 32 and part.train_size == 32
+    labels = [row["label"] for row in part.train]
+    assert labels == [row["label"] for row in data.train][16:48]
+    with pytest.raises(RRMError, match="sliced by counts from its start"):
+        load_image_data(str(parquet_digits), streaming=True, train_split="train[:50%]")
 
 
 def test_rrm_recipe_streams_a_dataset(parquet_digits, tmp_path):
-    result = run_recipe(["recipes/rrm.py", "--dataset", str(parquet_digits), "--streaming", "--max-steps", "2",
+    result = run_here(["recipes/rrm.py", "--dataset", str(parquet_digits), "--streaming", "--max-steps", "2",
                          "--batch-size", "8", "--output-dir", str(tmp_path / "out")])
     assert result.returncode == 0, result.stderr[-2000:]
     printed = result.stdout + result.stderr
     assert "--match-start random instead of previous: streamed images have no index" in printed
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2
-    refused = run_recipe(["recipes/rrm.py", "--dataset", str(parquet_digits), "--streaming", "--epochs", "1"])
+    refused = run_here(["recipes/rrm.py", "--dataset", str(parquet_digits), "--streaming", "--epochs", "1"])
     assert refused.returncode != 0 and "does not say how many images it has: add --max-steps" in refused.stderr

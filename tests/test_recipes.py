@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rrm_hub import RRMStudent, load_teacher
 
-from .conftest import ROOT, call_recipe, run_recipe
+from .conftest import ROOT, call_recipe, run_here, run_recipe
 
 QUICK = ["--max-steps", "3", "--epoch-eval-examples", "32", "--eval-examples", "64", "--sweep-examples", "32",
          "--eval-steps", "3"]
@@ -54,7 +54,7 @@ def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path, method, n
     out = tmp_path / "teacher"
     args = ["recipes/adversarial_train.py", "--model", "resnet18", "--model-kwargs", "layers=(1,1,1,1)",
             "channels=(8,8,8,8)", "--method", method, *QUICK, "--output-dir", str(out)]
-    result = run_recipe(args)
+    result = run_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"config.json", "model.safetensors", "README.md", "metrics.json"} <= {p.name for p in out.iterdir()}
     teacher = load_teacher(str(out))
@@ -66,9 +66,9 @@ def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path, method, n
 def test_keep_best_ends_with_the_epoch_most_robust_on_held_out_images(tmp_path):
     out = tmp_path / "student"
     code, stderr = call_recipe("rrm.py", [
-        "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--batch-size",
-        "1000", "--epochs", "3", "--holdout", "48", "--keep-best", "--eval-examples", "16", "--sweep-examples", "16",
-        "--eval-steps", "1", "--no-checks", "--output-dir", str(out)])
+        "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--train-split",
+        "train[:1000]", "--batch-size", "250", "--epochs", "3", "--holdout", "48", "--keep-best", "--eval-examples",
+        "16", "--sweep-examples", "16", "--eval-steps", "1", "--no-checks", "--output-dir", str(out)])
     assert code == 0, stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
@@ -107,7 +107,7 @@ def three_class_dataset(tmp_path_factory):
 ])
 def test_bad_input_gives_one_line_errors(tmp_path, three_class_dataset, args, message):
     args = [str(three_class_dataset) if a == "THREE" else a for a in args]
-    result = run_recipe(["recipes/rrm.py", *QUICK, "--output-dir", str(tmp_path / "out"), *args], timeout=120)
+    result = run_here(["recipes/rrm.py", *QUICK, "--output-dir", str(tmp_path / "out"), *args])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -116,7 +116,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, three_class_dataset, args, me
 
 def test_a_launch_whose_processes_would_train_alone_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate set, while this process sees no group
-    result = run_recipe(["recipes/rrm.py", *QUICK, "--output-dir", str(tmp_path / "out")], timeout=120)
+    result = run_here(["recipes/rrm.py", *QUICK, "--output-dir", str(tmp_path / "out")])
     assert result.returncode == 2 and "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -130,7 +130,7 @@ def test_readme_commands_are_the_ones_ci_runs():
 
 def test_preflight_reports_whether_robustness_moves(tmp_path):
     out = tmp_path / "pre"
-    result = run_recipe(["recipes/rrm.py", "--preflight", "--preflight-steps", "3", "--eval-examples", "40",
+    result = run_here(["recipes/rrm.py", "--preflight", "--preflight-steps", "3", "--eval-examples", "40",
                          "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)",
                          "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -143,15 +143,39 @@ def test_preflight_reports_whether_robustness_moves(tmp_path):
 def test_study_runs_each_variant_and_tabulates(tmp_path):
     out = tmp_path / "study"
     extra = "--max-steps 2 --epoch-eval-examples 0 --eval-examples 16 --sweep-examples 16"
-    result = run_recipe(["recipes/study.py", "--variants", "vit/noise", "cnn/adversarial", "--jobs", "2",
-                         "--eps-sweep", "0.1", "0.3", "--extra", extra, "--output-dir", str(out)], timeout=600)
+    result = run_here(["recipes/study.py", "--variants", "cnn/adversarial", "--eps-sweep", "0.1", "0.3",
+                       "--extra", extra, "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())
-    assert [r["variant"] for r in study["rows"]] == ["vit/noise", "cnn/adversarial"]
-    for row in study["rows"]:
-        assert set(row["sweep"]) == {"0.1", "0.3"} and row["steps"] == 2 and 0 <= row["clean"] <= 1
-    assert "--match-on adversarial" in study["rows"][1]["command"]
+    [row] = study["rows"]
+    assert row["variant"] == "cnn/adversarial" and row["seed"] == 0
+    assert set(row["sweep"]) == {"0.1", "0.3"} and row["steps"] == 2 and 0 <= row["clean"] <= 1
+    assert "--match-on adversarial" in row["command"] and "--seed 0" in row["command"]
+    assert study["summary"][0]["robust"] == row["robust"] and study["summary"][0]["teacher_contribution"] is None
     table = (out / "study.md").read_text()
     assert "| cnn/adversarial |" in table and "eps 0.3" in table and (out / "study.png").exists()
-    bad = run_recipe(["recipes/study.py", "--variants", "vit/nothing", "--output-dir", str(out)])
+    bad = run_here(["recipes/study.py", "--variants", "vit/nothing", "--output-dir", str(out)])
     assert bad.returncode != 0 and "unknown variant" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_study_compares_each_variant_with_its_teacherless_twin(tmp_path):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "recipes" / "study.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{"variant": "vit/rslad", "robust": 0.30, "clean": 0.9}, {"variant": "vit/rslad", "robust": 0.40,
+            "clean": 0.8}, {"variant": "vit/atta_at", "robust": 0.20, "clean": 0.9}, {"variant": "cnn/kd",
+            "robust": 0.0, "clean": 0.99}, {"variant": "vit/kd", "error": "boom"}]
+    rslad, twin, kd = module.contributions(rows, "atta_at")
+    assert (rslad["seeds"], rslad["lowest"], rslad["highest"]) == (2, 0.30, 0.40)
+    assert rslad["robust"] == pytest.approx(0.35) and rslad["teacher_contribution"] == pytest.approx(0.15)
+    assert twin["teacher_contribution"] is None and kd["teacher_contribution"] is None  # no cnn/atta_at run
+    assert "+15.0 points" in module.summary_table([rslad, twin, kd], "atta_at")
+    config = module.StudyConfig(norm="l2", eps=2.0)
+    rrm = module.command(*module.variants()["vit/rslad"], config, tmp_path, seed=3)
+    baseline = module.command(*module.variants()["vit/atta_at"], config, tmp_path, seed=3)
+    assert rrm[rrm.index("--teacher") + 1] == "default-l2" and "--teacher" not in baseline
+    for cmd in (rrm, baseline):
+        assert cmd[cmd.index("--norm") + 1] == "l2" and cmd[cmd.index("--seed") + 1] == "3"

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from .conftest import ROOT, run_recipe
 
 TINY = ["recipes/rrm.py", "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)",
-        "--batch-size", "128", "--max-steps", "40", "--save-every", "2", "--epoch-eval-examples", "0",
-        "--eval-examples", "16", "--sweep-examples", "16", "--eval-steps", "2", "--no-checks"]
+        "--train-split", "train[:2048]", "--batch-size", "128", "--max-steps", "20", "--save-every", "2",
+        "--epoch-eval-examples", "0", "--eval-examples", "16", "--sweep-examples", "16", "--eval-steps", "2",
+        "--no-checks"]
 
 
 def start(args):
@@ -40,7 +41,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     process.communicate()
     assert process.returncode == -signal.SIGKILL and not (out / "model.safetensors").exists()
     steps = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
-    assert steps and steps[-1] < 32  # stopped mid-epoch (an epoch has 32 steps)
+    assert steps and steps[-1] < 16  # stopped mid-epoch (an epoch has 16 steps)
 
     resumed = run_recipe([*TINY, "--output-dir", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -50,4 +51,4 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     for name in expected:  # on CPU the resumed run repeats the same arithmetic: exactly equal
         assert (expected[name] == got[name]).all(), name
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["step-00000038", "step-00000040"]  # --keep-checkpoints 2, no partial folder left
+    assert kept == ["step-00000018", "step-00000020"]  # --keep-checkpoints 2, no partial folder left

@@ -2,12 +2,12 @@
 
 import json
 
-from .conftest import run_recipe
+from .conftest import run_here
 
 
 def test_scale_benchmark_writes_its_keys(tmp_path):
     out = tmp_path / "benchmark-scale.json"
-    result = run_recipe(["recipes/benchmark_scale.py", "--student", "test_vit", "--teacher-arch", "test_resnet",
+    result = run_here(["recipes/benchmark_scale.py", "--student", "test_vit", "--teacher-arch", "test_resnet",
                          "--batch-size", "4", "--steps", "1", "--warmup-steps", "0", "--photos", "12",
                          "--loader-batches", "1", "--num-workers", "1", "--output", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -13,7 +13,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
 from safetensors.torch import load_file
 
-from .conftest import ROOT, run_recipe
+from .conftest import ROOT, run_here, run_recipe
 
 CONFIGS = {"single_gpu": ("NO", False, False), "multi_gpu": ("MULTI_GPU", False, False),
            "fsdp": ("FSDP", True, False), "deepspeed_zero2": ("DEEPSPEED", False, True)}
@@ -54,7 +54,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, monkeyp
     two = run_recipe([*SHORT, "--batch-size", "16", "--output-dir", str(tmp_path / "two")], launcher=CPU_DDP)
     assert two.returncode == 0, two.stderr[-3000:]
     monkeypatch.delenv("ACCELERATE_USE_CPU")
-    one = run_recipe([*SHORT, "--batch-size", "32", "--output-dir", str(tmp_path / "one")])
+    one = run_here([*SHORT, "--batch-size", "32", "--output-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
     metrics = {n: json.loads(Path(tmp_path / n / "metrics.json").read_text()) for n in ("one", "two")}
     assert metrics["two"]["num_processes"] == 2 and metrics["one"]["num_processes"] == 1

@@ -12,7 +12,7 @@ from rrm_hub import RRM, FeatureTap, RRMError, RRMStudent, make_loader
 from rrm_hub.data import cache_dir
 from rrm_hub.teacher_cache import TeacherCache, load_or_build
 
-from .conftest import run_recipe
+from .conftest import run_here
 from .test_hub import _recipe
 
 LAYER = "fc@input"
@@ -132,10 +132,10 @@ TINY = ["--max-steps", "3", "--epoch-eval-examples", "0", "--eval-examples", "16
 def test_rrm_recipe_builds_the_cache_once_then_reuses_it(tmp_path):
     shutil.rmtree(cache_dir() / "teacher-features", ignore_errors=True)
     args = ["recipes/rrm.py", "--cache-teacher", "--pad", "0", "--match-on", "clean", *TINY]
-    first = run_recipe([*args, "--output-dir", str(tmp_path / "first")])
+    first = run_here([*args, "--output-dir", str(tmp_path / "first")])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher cache: built" in first.stdout and "teacher cache: reusing" not in first.stdout
-    second = run_recipe([*args, "--output-dir", str(tmp_path / "second")])
+    second = run_here([*args, "--output-dir", str(tmp_path / "second")])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "teacher cache: reusing" in second.stdout and "teacher cache: built" not in second.stdout
     built, reused = (json.loads((tmp_path / run / "metrics.json").read_text())["teacher_cache"]
