@@ -69,8 +69,7 @@ def train_loader(images: ImageData, data: DataConfig, training: TrainConfig, aug
                  objective=None) -> DataLoader:
     """The shuffled training loader; `augment=False` drops the training augmentation. Its batches carry the images'
     origins where `objective` uses them (a perturbation memory)."""
-    stream = (stream_length(images, training.batch_size, training.max_steps, training.grad_accum, world_size())
-              if images.streaming else None)
+    stream = stream_length(images, training.capped_images(world_size())) if images.streaming else None
     return make_loader(images, "train", training.batch_size, augment=augment, seed=training.seed, pad=data.pad,
                        hflip=data.hflip, num_workers=data.num_workers, auto_augment=data.auto_augment,
                        origins=bool(getattr(objective, "uses_origins", False)), shuffle_buffer=data.shuffle_buffer,
@@ -95,12 +94,9 @@ def evaluation_loaders(images: ImageData, evaluation: EvalConfig,
 
 def images_trained(images: ImageData, training: TrainConfig, processes: int = 1) -> int:
     """How many training images a run's steps go through: its epochs, or fewer under --max-steps."""
-    size = images.train_size or stream_length(images, training.batch_size, training.max_steps, training.grad_accum,
-                                              processes)
-    planned = training.epochs * size
-    if training.max_steps:
-        planned = min(planned, training.max_steps * training.batch_size * training.grad_accum * processes)
-    return planned
+    capped = training.capped_images(processes)
+    planned = training.epochs * (images.train_size or stream_length(images, capped))
+    return min(planned, capped) if capped else planned
 
 
 def evaluation_for_run(evaluation: EvalConfig, images: ImageData, training: TrainConfig,

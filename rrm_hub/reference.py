@@ -17,13 +17,19 @@ from .evaluate import EvaluateConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _recipe(script: str):
+    """A recipe module that defines its own config dataclass."""
+    spec = importlib.util.spec_from_file_location(f"{Path(script).stem}_recipe", ROOT / "recipes" / script)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def recipe_configs() -> dict[str, type]:
     """recipe script -> its config dataclass."""
-    spec = importlib.util.spec_from_file_location("study_recipe", ROOT / "recipes" / "study.py")
-    study = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-    spec.loader.exec_module(study)
     return {"rrm.py": DistillConfig, "adversarial_train.py": AdversarialTrainConfig, "benchmark.py": BenchmarkConfig,
-            "evaluate.py": EvaluateConfig, "study.py": study.StudyConfig}
+            "evaluate.py": EvaluateConfig, "study.py": _recipe("study.py").StudyConfig,
+            "inheritance.py": _recipe("inheritance.py").InheritanceConfig}
 
 
 def _default(value) -> str:

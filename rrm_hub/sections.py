@@ -193,6 +193,10 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the student (inductor)")
     channels_last: bool = setting(False, "channels-last memory format (CNN students)")
 
+    def capped_images(self, processes: int = 1) -> int | None:
+        """The training images `max_steps` optimizer steps go through over `processes` processes (None: no cap)."""
+        return self.max_steps * self.batch_size * self.grad_accum * processes if self.max_steps else None
+
 
 @dataclass
 class EvalConfig:

@@ -79,10 +79,11 @@ class PixelStream(IterableDataset):
             yield (pixels if self.shift is None else self.shift(pixels, rng)), int(row[self.label_column])
 
 
-def stream_length(images, batch_size: int, max_steps: int | None, grad_accum: int = 1, processes: int = 1) -> int:
-    """Images in an epoch of a stream: all of them when the dataset says how many; else the run's steps' worth."""
+def stream_length(images, capped: int | None) -> int:
+    """Images in an epoch of a stream: all of them when the dataset says how many; else the `capped` images the
+    run's --max-steps go through (`TrainConfig.capped_images`)."""
     if images.stream_length:
         return images.stream_length
-    if max_steps is None:
+    if capped is None:
         raise RRMError(f"the stream of '{images.name}' does not say how many images it has: add --max-steps")
-    return max_steps * batch_size * grad_accum * processes
+    return capped
