@@ -338,6 +338,7 @@ def _robustbench():
 @pytest.mark.parametrize("layout", ["state_dict", "bare"])
 @torch.no_grad()
 def test_robustbench_checkpoint_in_its_model_dir_offline(layout):
+    had_autoattack = importlib.util.find_spec("autoattack") is not None
     utils, model_dir = _robustbench()
     torch.manual_seed(0)
     zoo = utils.all_models[utils.BenchmarkDataset("cifar10")][utils.ThreatModel("Linf")]
@@ -353,7 +354,9 @@ def test_robustbench_checkpoint_in_its_model_dir_offline(layout):
         pixels = torch.rand(2, 3, 32, 32)
         assert torch.allclose(teacher(pixels), reference.eval()(pixels), atol=1e-5)
         assert default_layer(teacher.network) == "linear@input"
-    import autoattack  # noqa: F401  (the shim is undone: whatever was importable before still is)
+    # the shim is undone: `autoattack` is importable afterwards exactly when it was before
+    assert "autoattack" not in sys.modules or had_autoattack
+    assert (importlib.util.find_spec("autoattack") is not None) == had_autoattack
 
 
 def test_robustbench_pickle_that_runs_code_is_refused_without_running(tmp_path):
