@@ -7,8 +7,9 @@ A variant is `STUDENT/MATCHING` (an RRM run) or `STUDENT/BASELINE` (adversarial 
 teacher), each read from YAML files under recipes/configs/study/: students/STUDENT.yaml, matching/MATCHING.yaml and
 baselines/BASELINE.yaml. Its settings become the recipe's flags (add any with `--extra`). Runs go in parallel
 (`--jobs`), each writes its folder under `--output-dir`; the study collects their metrics.json into study.json, a
-markdown table (variant, seconds per step, clean, robust accuracy at each sweep epsilon, seconds) and study.png
-(robust accuracy at --eps versus training seconds).
+markdown table (variant, seconds per step, clean, robust accuracy at each sweep epsilon, seconds; then each variant's
+mean over --seeds and its difference from the same student's teacherless --twin), study.png (robust accuracy at
+--eps versus training seconds) and contribution.png (that difference, a bar a variant).
 """
 
 from __future__ import annotations
@@ -202,6 +203,28 @@ def plot(rows: list[dict], path: Path, eps: float) -> None:
     plt.close(fig)
 
 
+def plot_contributions(summary: list[dict], twin: str, path: Path) -> None:
+    """Each variant's mean robust accuracy minus its teacherless twin's, a bar each (nothing where no twin ran)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [s for s in summary if s["teacher_contribution"] is not None]
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(bars) + 1.2))
+    values = [100 * s["teacher_contribution"] for s in bars]
+    ax.barh([s["variant"] for s in bars], values, color=["tab:green" if v > 0 else "tab:red" for v in values])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"robust accuracy minus STUDENT/{twin}'s (points)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(StudyConfig, argv, description=__doc__)
@@ -225,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(rows, config.eps) + "\n" + summary_table(summary, config.twin)
     (output_dir / "study.md").write_text(text)
     plot(rows, output_dir / "study.png", config.eps)
+    plot_contributions(summary, config.twin, output_dir / "contribution.png")
     print(text)
     return result
 

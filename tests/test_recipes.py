@@ -173,6 +173,9 @@ def test_the_study_compares_each_variant_with_its_teacherless_twin(tmp_path):
     assert rslad["robust"] == pytest.approx(0.35) and rslad["teacher_contribution"] == pytest.approx(0.15)
     assert twin["teacher_contribution"] is None and kd["teacher_contribution"] is None  # no cnn/atta_at run
     assert "+15.0 points" in module.summary_table([rslad, twin, kd], "atta_at")
+    module.plot_contributions([rslad, twin, kd], "atta_at", tmp_path / "contribution.png")
+    module.plot_contributions([twin, kd], "atta_at", tmp_path / "none.png")  # no variant has a twin: no plot
+    assert (tmp_path / "contribution.png").stat().st_size > 0 and not (tmp_path / "none.png").exists()
     config = module.StudyConfig(norm="l2", eps=2.0)
     rrm = module.command(*module.variants()["vit/rslad"], config, tmp_path, seed=3)
     baseline = module.command(*module.variants()["vit/atta_at"], config, tmp_path, seed=3)
