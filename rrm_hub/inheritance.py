@@ -32,16 +32,16 @@ def inheritance(student: nn.Module, teacher: nn.Module, loader: DataLoader, eps:
     for x, y in tqdm(loader, desc="inheritance", disable=not show, leave=False):
         x_student, x_teacher = attack(student, x, y), attack(teacher, x, y)
         with torch.inference_mode():
-            s_clean, t_clean = student(x).argmax(1), teacher(x).softmax(1)
+            s_clean, t_probs = student(x).argmax(1), teacher(x).softmax(1)
+            t_clean = t_probs.argmax(1)
             s_adv, t_on_s = student(x_student).argmax(1), teacher(x_student).argmax(1)
             t_adv, s_on_t = teacher(x_teacher).argmax(1), student(x_teacher).argmax(1)
-        rows = {"student_clean": s_clean == y, "student_robust": s_adv == y, "teacher_clean": t_clean.argmax(1) == y,
+        rows = {"student_clean": s_clean == y, "student_robust": s_adv == y, "teacher_clean": t_clean == y,
                 "teacher_robust": t_adv == y, "teacher_on_student_attacks": t_on_s == y,
-                "student_on_teacher_attacks": s_on_t == y, "agreement_clean": s_clean == t_clean.argmax(1),
-                "agreement_on_student_attacks": s_adv == t_on_s}
-        for name, hits in rows.items():
-            counts[name] = counts.get(name, 0.0) + hits.float().sum().item()
-        counts["teacher_confidence"] = counts.get("teacher_confidence", 0.0) + t_clean.amax(1).sum().item()
+                "student_on_teacher_attacks": s_on_t == y, "agreement_clean": s_clean == t_clean,
+                "agreement_on_student_attacks": s_adv == t_on_s, "teacher_confidence": t_probs.amax(1)}
+        for name, values in rows.items():
+            counts[name] = counts.get(name, 0.0) + values.float().sum().item()
         total += len(y)
     student.train(student_mode), teacher.train(teacher_mode)
     shares = {name: value / max(total, 1) for name, value in counts.items()}

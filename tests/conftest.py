@@ -80,18 +80,23 @@ def tiny_batch(n: int = 8, channels: int = 1, size: int = 28) -> torch.Tensor:
     return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def load_recipe(script: str):
+    """`recipes/<script>` imported as a module (registered in sys.modules: its dataclasses look their module up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{Path(script).stem}", ROOT / "recipes" / script)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_here(args: list[str]) -> subprocess.CompletedProcess:
     """`run_recipe` without the fresh process: `args[0]`'s main(args[1:]) in this one, its stdout and stderr
     captured. For tests about what a recipe does, not about how a new process starts it."""
     import contextlib
-    import importlib.util
     import io
 
-    script = ROOT / args[0]
-    spec = importlib.util.spec_from_file_location(f"recipe_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up
-    spec.loader.exec_module(module)
+    module = load_recipe(Path(args[0]).relative_to("recipes").as_posix())
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
@@ -104,18 +109,5 @@ def run_here(args: list[str]) -> subprocess.CompletedProcess:
 
 def call_recipe(script: str, args: list[str]) -> tuple[int, str]:
     """Run `recipes/<script>`'s main(args) in this process; returns its exit code and what it wrote to stderr."""
-    import contextlib
-    import importlib.util
-    import io
-
-    spec = importlib.util.spec_from_file_location(f"recipe_{Path(script).stem}", ROOT / "recipes" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        try:
-            module.main(args)
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-    return code, stderr.getvalue()
+    result = run_here([f"recipes/{script}", *args])
+    return result.returncode, result.stderr

@@ -12,7 +12,7 @@ from rrm_hub.config import AdversarialTrainConfig
 from rrm_hub.evaluate import EvaluateConfig
 from rrm_hub.reference import recipe_configs, reference
 
-from .conftest import ROOT, call_recipe, run_here
+from .conftest import ROOT, call_recipe, load_recipe, run_here
 
 QUICK = ["--epoch-eval-examples", "16", "--eval-examples", "16", "--sweep-examples", "16", "--eval-steps", "1",
          "--no-checks"]
@@ -117,13 +117,7 @@ def test_the_default_recipe_file_spells_out_the_defaults():
 
 
 def study_variants() -> dict:
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("recipes_study", ROOT / "recipes" / "study.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.variants()
+    return load_recipe("study.py").variants()
 
 
 def test_study_variants_become_the_recipes_flags():

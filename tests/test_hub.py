@@ -1,6 +1,5 @@
 """Sharing: one saved folder loads three ways from the Hub cache (offline), with a card that holds the numbers."""
 
-import importlib.util
 import json
 import os
 
@@ -14,14 +13,11 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from rrm_hub import DEFAULT_TEACHER, RRMError, RRMStudent
 from rrm_hub.hub import push_folder, upload_plan
 
-from .conftest import ROOT, put_in_hub_cache, run_here
+from .conftest import load_recipe, put_in_hub_cache, run_here
 
 
 def _recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe(f"{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rrm_hub import RRMStudent, load_teacher
 
-from .conftest import ROOT, call_recipe, run_here, run_recipe
+from .conftest import ROOT, call_recipe, load_recipe, run_here, run_recipe
 
 QUICK = ["--max-steps", "3", "--epoch-eval-examples", "32", "--eval-examples", "64", "--sweep-examples", "32",
          "--eval-steps", "3"]
@@ -159,12 +159,7 @@ def test_study_runs_each_variant_and_tabulates(tmp_path):
 
 
 def test_the_study_compares_each_variant_with_its_teacherless_twin(tmp_path):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "recipes" / "study.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_recipe("study.py")
     rows = [{"variant": "vit/rslad", "robust": 0.30, "clean": 0.9}, {"variant": "vit/rslad", "robust": 0.40,
             "clean": 0.8}, {"variant": "vit/atta_at", "robust": 0.20, "clean": 0.9}, {"variant": "cnn/kd",
             "robust": 0.0, "clean": 0.99}, {"variant": "vit/kd", "error": "boom"}]

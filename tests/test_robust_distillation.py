@@ -1,8 +1,6 @@
 """ARD, RSLAD and AdaAD: their losses by hand, the direction of their attacks, the teacher cache and the carried
 attack, and the methods by name."""
 
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from rrm_hub.objectives import ARD, RSLAD, AdaAD, kl_divergence
 from rrm_hub.objectives.inputs import AttackedInputs
 from rrm_hub.teacher_cache import TeacherCache
 
-from .conftest import ROOT
+from .conftest import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +207,7 @@ def test_step_costs_and_the_study_budget(tmp_path):
     assert step_cost("adaad", rrm=RRMOptions(steps=10)) == pytest.approx(21 + 1 / 3)
     with pytest.raises(RRMError, match="unknown method"):
         step_cost("sat")
-    spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "recipes" / "study.py")
-    study = sys.modules["recipe_study"] = importlib.util.module_from_spec(spec)  # its dataclass needs the module
-    spec.loader.exec_module(study)
+    study = load_recipe("study.py")
     config = study.StudyConfig(budget=10)
     for variant, epochs in (("vit/rslad", "3"), ("vit/pgd_at", "1"), ("vit/clean", "8")):
         cmd = study.command(*study.variants()[variant], config, tmp_path)

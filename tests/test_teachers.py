@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ from rrm_hub import (
     pgd,
 )
 
-from .conftest import ROOT, put_in_hub_cache
+from .conftest import load_recipe, put_in_hub_cache
 
 
 def test_bundled_teacher_is_frozen_and_robust(teacher, mnist):
@@ -88,10 +87,7 @@ def _tapped(teacher, pixels):
 
 
 def _recipe_main(argv):
-    spec = importlib.util.spec_from_file_location("recipe_rrm_teachers", ROOT / "recipes" / "rrm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_recipe("rrm.py").main(argv)
 
 
 def _run_rrm(teacher, out):
