@@ -54,6 +54,10 @@ class StudyConfig(RunConfig):
                                      factory=lambda: [0.1, 0.2, 0.3])
     output_dir: str = setting("study", "output folder")
 
+    def check_rules(self) -> None:
+        if self.twin not in _names("baselines"):
+            raise RRMError(f"--twin {self.twin} is not a baseline; choose one of {', '.join(_names('baselines'))}")
+
 
 def _names(folder: str) -> list[str]:
     return sorted(path.stem for path in (VARIANTS / folder).glob("*.yaml"))

@@ -177,3 +177,5 @@ def test_the_study_compares_each_variant_with_its_teacherless_twin(tmp_path):
     assert rrm[rrm.index("--teacher") + 1] == "default-l2" and "--teacher" not in baseline
     for cmd in (rrm, baseline):
         assert cmd[cmd.index("--norm") + 1] == "l2" and cmd[cmd.index("--seed") + 1] == "3"
+    bad = run_here(["recipes/study.py", "--twin", "nope", "--variants", "vit/kd", "--output-dir", str(tmp_path)])
+    assert bad.returncode == 2 and "--twin nope is not a baseline; choose one of atta_at, pgd_at" in bad.stderr
