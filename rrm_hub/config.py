@@ -267,6 +267,9 @@ class AdversarialTrainConfig(RunConfig):
         "image's attack ended the epoch before (ATTA)")
     attack_steps: int = setting(7, "PGD steps while training (pgd_at)", ge=1)
     eps_warmup: float = setting(0.3, "ramp epsilon up from 0 over this fraction of training (0: off)", ge=0)
+    disjoint_from: str | None = setting(None, "refuse to train when a training image (by pixel hash) is also in "
+                                        "this dataset, any split (e.g. mnist-5k, the students' data); writes the "
+                                        "training images' hashes beside the model (train_hashes.safetensors)")
     data: DataConfig = section(DataConfig)
     training: TrainConfig = section(lambda: TrainConfig(epochs=10, lr=2e-3))
     eval: EvalConfig = section(EvalConfig)

