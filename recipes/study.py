@@ -1,15 +1,22 @@
-"""Which RRM variant makes which student robust? A study over `recipes/rrm.py` (and adversarial training) runs.
+"""Which method makes which student robust, and what does the teacher add? A study over `recipes/rrm.py` (and
+adversarial training) runs, each variant against the same student's teacherless twin at equal compute.
 
-    python recipes/study.py --variants vit/noise vit/adversarial cnn/noise --jobs 2
+    python recipes/study.py --variants vit/default vit/atta_at --budget 40 --lrs 1e-3 2e-3 --seeds 0 1 2 \
+        --final-suite standard
     python recipes/study.py --list
 
-A variant is `STUDENT/MATCHING` (an RRM run) or `STUDENT/BASELINE` (adversarial training of the same student, no
-teacher), each read from YAML files under recipes/configs/study/: students/STUDENT.yaml, matching/MATCHING.yaml and
-baselines/BASELINE.yaml. Its settings become the recipe's flags (add any with `--extra`). Runs go in parallel
-(`--jobs`), each writes its folder under `--output-dir`; the study collects their metrics.json into study.json, a
-markdown table (variant, seconds per step, clean, robust accuracy at each sweep epsilon, seconds; then each variant's
-mean over --seeds and its difference from the same student's teacherless --twin), study.png (robust accuracy at
---eps versus training seconds) and contribution.png (that difference, a bar a variant).
+A variant is `STUDENT/MATCHING` (an RRM or distillation run) or `STUDENT/BASELINE` (adversarial training of the
+same student, no teacher), each read from YAML files under recipes/configs/study/: students/STUDENT.yaml,
+matching/MATCHING.yaml and baselines/BASELINE.yaml. Its settings become the recipe's flags (add any with `--extra`).
+
+Equal compute: with `--budget N` each run trains N natural-step epochs' worth, its epochs N / its step cost
+(`rrm_hub.methods.step_cost`), a teacher forward counted at its measured cost relative to the student's
+(`--teacher-ratio`, measured once per student). Equal tuning: every variant runs at each of `--lrs` (first seed),
+then at its best rate for the other `--seeds`; PGD-20 screens, and `--final-suite` (AutoAttack) measures the best
+rate's runs on `--final-examples` test images. Runs go in parallel (`--jobs`); each writes its folder under
+`--output-dir`, and a run whose folder already holds its result for the same command is not run again (a stopped
+study resumes). The study writes study.json, study.md (every run, then each variant at its best rate: mean over
+seeds and difference from the twin), study.png (robust accuracy versus training seconds) and contribution.png.
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import yaml
 
 from rrm_hub import cli
+from rrm_hub import study as report
 from rrm_hub.attacks import Norm
 from rrm_hub.cards import save_json
 from rrm_hub.config import AdversarialTrainConfig, DistillConfig, RunConfig, StudentConfig
@@ -33,6 +44,8 @@ from rrm_hub.settings import setting
 
 RECIPES = Path(__file__).resolve().parent
 VARIANTS = RECIPES / "configs" / "study"
+DONE = "study_command.txt"
+"""Beside a finished run's metrics.json: the command that made it (a resumed study skips the run when it matches)."""
 
 
 @dataclass
@@ -46,12 +59,21 @@ class StudyConfig(RunConfig):
     norm: Norm = setting("linf", "threat model of every run")
     teacher: str | None = setting(None, "teacher of the RRM / distillation runs (default: the recipe's; "
                                   "default-l2 for --norm l2)")
-    seeds: list[int] = setting(help="each variant runs once per seed", nargs="+", factory=lambda: [0])
+    seeds: list[int] = setting(help="each variant runs once per seed (at its best learning rate)", nargs="+",
+                               factory=lambda: [0])
+    lrs: list[float] | None = setting(None, "learning rates: every variant runs at each (with the first seed) and "
+                                      "is reported at its best (default: each variant's own)", nargs="+", gt=0)
     twin: str = setting("atta_at", "the teacherless baseline each variant is compared with (STUDENT/TWIN)")
     budget: float = setting(0.0, "compute of every run, in natural-step epochs: each trains budget / (its step cost "
                             "in natural steps, rrm_hub.methods.step_cost) epochs (0: the variants' own epochs)", ge=0)
+    teacher_ratio: float | None = setting(None, "a teacher forward's cost relative to a student forward, in the step "
+                                          "costs (default: measured once per student on this machine)", gt=0)
     eps_sweep: list[float] = setting(help="epsilons reported in the table (PGD-20)", nargs="+", ge=0,
                                      factory=lambda: [0.1, 0.2, 0.3])
+    final_suite: Literal["none", "standard", "plus", "rand"] = setting(
+        "none", "after screening: attack the runs of each variant's best learning rate with this AutoAttack version "
+        "(recipes/evaluate.py)")
+    final_examples: int = setting(1000, "test images of --final-suite", ge=1)
     output_dir: str = setting("study", "output folder")
 
     def check_rules(self) -> None:
@@ -84,45 +106,100 @@ def variants() -> dict[str, tuple[str, list[str]]]:
     return table
 
 
-def step_cost_of(recipe: str, flags: list[str]) -> float:
-    """The step cost of a variant's run, in natural steps (`rrm_hub.methods.step_cost`)."""
+def teacher_flags(recipe: str, config: StudyConfig) -> list[str]:
+    teacher = config.teacher or ("default-l2" if config.norm == "l2" else None)
+    return ["--teacher", teacher] if teacher and recipe == "rrm.py" else []
+
+
+def step_cost_of(recipe: str, flags: list[str], teacher_ratio: float = 1.0) -> float:
+    """The step cost of a variant's run, in natural steps (`rrm_hub.methods.step_cost`), a teacher forward costing
+    `teacher_ratio` student forwards."""
     if recipe == "rrm.py":
         run = cli.parse(DistillConfig, flags)
-        return step_cost(run.method, rrm=run.rrm, cached=run.rrm.cache_teacher, ard_weight=run.robust.ard_weight)
+        return step_cost(run.method, rrm=run.rrm, cached=run.rrm.cache_teacher, ard_weight=run.robust.ard_weight,
+                         teacher_ratio=teacher_ratio)
     run = cli.parse(AdversarialTrainConfig, flags)
     return step_cost(run.method, attack_steps=run.attack_steps)
 
 
-def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path, seed: int = 0) -> list[str]:
+def measured_teacher_ratio(flags: list[str], config: StudyConfig) -> float:
+    """A teacher forward's seconds over a student forward's, for the student and data of an RRM variant's `flags`
+    (with the study's teacher and --extra), on a training batch."""
+    import torch
+
+    from rrm_hub.methods import forward_ratio
+    from rrm_hub.pipeline import setup
+
+    run = setup(cli.parse(DistillConfig, [*flags, *teacher_flags("rrm.py", config), *shlex.split(config.extra)]))
+    sample = torch.rand(run.config.training.batch_size, run.images.channels, *run.images.image_size,
+                        device=run.accelerator.device)
+    return forward_ratio(run.teacher, run.student.to(run.accelerator.device), sample)
+
+
+def teacher_ratios(names: list[str], known: dict, config: StudyConfig) -> dict[str, float]:
+    """{student: teacher ratio} for the students of `names` that train with a teacher (--teacher-ratio, or
+    measured once per student)."""
+    ratios: dict[str, float] = {}
+    for name in names:
+        recipe, flags = known[name]
+        student = name.split("/")[0]
+        if recipe == "rrm.py" and student not in ratios:
+            ratios[student] = config.teacher_ratio or measured_teacher_ratio(flags, config)
+            print(f"{student}: a teacher forward costs {ratios[student]:.2f} student forwards"
+                  f"{'' if config.teacher_ratio else ' (measured)'}", flush=True)
+    return ratios
+
+
+def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path, seed: int = 0,
+            lr: float | None = None, teacher_ratio: float = 1.0) -> list[str]:
     """The recipe run of one variant: its flags, its epochs under --budget, the study's threat model, teacher,
-    seed and evaluation flags, --extra."""
+    seed, learning rate and evaluation flags, --extra."""
     sweep = [f"{e:g}" for e in config.eps_sweep]
-    epochs = ["--epochs", str(max(1, round(config.budget / step_cost_of(recipe, flags))))] if config.budget else []
-    teacher = config.teacher or ("default-l2" if config.norm == "l2" else None)
-    teacher_flags = ["--teacher", teacher] if teacher and recipe == "rrm.py" else []
-    return [sys.executable, str(RECIPES / recipe), *flags, *epochs, *teacher_flags, "--norm", config.norm,
-            "--eps", str(config.eps), "--seed", str(seed), "--eps-sweep", *sweep, "--sweep-steps", "20",
-            "--no-checks", "--output-dir", str(folder), *shlex.split(config.extra)]
+    cost = step_cost_of(recipe, flags, teacher_ratio)
+    epochs = ["--epochs", str(max(1, round(config.budget / cost)))] if config.budget else []
+    rate = ["--lr", repr(lr)] if lr is not None else []
+    return [sys.executable, str(RECIPES / recipe), *flags, *epochs, *rate, *teacher_flags(recipe, config),
+            "--norm", config.norm, "--eps", str(config.eps), "--seed", str(seed), "--eps-sweep", *sweep,
+            "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), *shlex.split(config.extra)]
 
 
-def run_one(name: str, cmd: list[str], folder: Path, seed: int = 0) -> dict:
-    """Run one variant, its output in `folder`/run.log; its metrics, or the error it ended with."""
+def finished(folder: Path, cmd: list[str]) -> bool:
+    """Whether `folder` holds the result of `cmd` already (a resumed study does not run it again)."""
+    marker = folder / DONE
+    return marker.exists() and marker.read_text() == shlex.join(cmd) and (folder / "metrics.json").exists()
+
+
+def run_logged(cmd: list[str], folder: Path, log_name: str) -> tuple[bool, str]:
+    """Run `cmd` with its output in `folder`/`log_name`; whether it succeeded, and its last line."""
     folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(folder / "run.log", "w") as log:
+    with open(folder / log_name, "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = round(time.perf_counter() - started, 1)
-    if code != 0 or not (folder / "metrics.json").exists():
-        tail = (folder / "run.log").read_text().strip().splitlines()[-1:] or ["no output"]
-        print(f"{name}: FAILED ({tail[0]})", flush=True)
-        return {"variant": name, "seed": seed, "error": tail[0], "command": shlex.join(cmd)}
+    tail = (folder / log_name).read_text().strip().splitlines()[-1:] or ["no output"]
+    return code == 0, tail[0]
+
+
+def run_one(name: str, cmd: list[str], folder: Path, seed: int, lr: float | None, cost: float) -> dict:
+    """Run one variant (unless its folder holds its result already); its row, or the error it ended with."""
+    started = time.perf_counter()
+    if not finished(folder, cmd):
+        (folder / DONE).unlink(missing_ok=True)
+        ok, tail = run_logged(cmd, folder, "run.log")
+        if not ok or not (folder / "metrics.json").exists():
+            print(f"{name} (lr {lr}, seed {seed}): FAILED ({tail})", flush=True)
+            return {"variant": name, "seed": seed, "lr": lr, "error": tail, "command": shlex.join(cmd)}
+        (folder / DONE).write_text(shlex.join(cmd))
     metrics = json.loads((folder / "metrics.json").read_text())
-    row = {"seed": seed, **summarize(name, metrics, seconds)}
-    row["command"] = shlex.join(cmd)
-    row["step_cost"] = round(step_cost_of(*variants()[name]), 3)
-    print(f"{name} (seed {seed}): clean {row['clean']:.1%}, robust {row['robust']:.1%} at eps {metrics['eps']:g}, "
-          f"{row['seconds_per_step'] * 1000:.1f} ms/step, {row['train_seconds']:.0f}s", flush=True)
+    row = {"seed": seed, "lr": lr if lr is not None else metrics_lr(folder),
+           **summarize(name, metrics, round(time.perf_counter() - started, 1)),
+           "command": shlex.join(cmd), "step_cost": round(cost, 3), "folder": str(folder)}
+    print(f"{name} (lr {row['lr']:g}, seed {seed}): clean {row['clean']:.1%}, robust {row['robust']:.1%} at eps "
+          f"{metrics['eps']:g}, {row['seconds_per_step'] * 1000:.1f} ms/step, {row['train_seconds']:.0f}s", flush=True)
     return row
+
+
+def metrics_lr(folder: Path) -> float:
+    """The learning rate a run trained at (its run_config.yaml)."""
+    return float(yaml.safe_load((folder / cli.CONFIG_FILE).read_text())["training"]["lr"])
 
 
 def summarize(name: str, metrics: dict, wall_seconds: float) -> dict:
@@ -137,96 +214,36 @@ def summarize(name: str, metrics: dict, wall_seconds: float) -> dict:
     }
 
 
-def table(rows: list[dict], eps: float) -> str:
-    """Markdown: one line per variant; robust columns are PGD-20 accuracy at each sweep epsilon."""
-    done = [r for r in rows if "error" not in r]
-    epsilons = sorted({e for r in done for e in r["sweep"]}, key=float)
-    lines = ["| variant | step cost | epochs | natural-step epochs | ms/step | train s | clean | "
-             + " | ".join(f"eps {e}" for e in epsilons) + " | final suite |", "|---" * (8 + len(epsilons)) + "|"]
-    seeded = len({r.get("seed", 0) for r in done}) > 1
-    for r in done:
-        name = f"{r['variant']} (seed {r['seed']})" if seeded else r["variant"]
-        robust = " | ".join(f"{r['sweep'][e]:.1%}" if e in r["sweep"] else "-" for e in epsilons)
-        cost = r.get("step_cost")
-        units = "-" if cost is None else f"{cost * r['epochs']:.1f}"
-        final = ", ".join(f"{name} {value:.1%}" for name, value in r["suite"].items())
-        lines.append(f"| {name} | {'-' if cost is None else f'{cost:.2f}'} | {r['epochs']} | {units} | "
-                     f"{r['seconds_per_step'] * 1000:.1f} | {r['train_seconds']:.0f} | {r['clean']:.1%} | {robust} | "
-                     f"{final} |")
-    lines += [f"| {r['variant']} | failed: {r['error']} |" for r in rows if "error" in r]
-    return "\n".join(lines) + "\n"
+def final_command(row: dict, config: StudyConfig) -> list[str]:
+    """recipes/evaluate.py on a run's student: --final-suite on --final-examples images of the run's test data."""
+    folder = Path(row["folder"])
+    data = yaml.safe_load((folder / cli.CONFIG_FILE).read_text()).get("data", {})
+    flags = [flag for key, option in (("dataset", "--dataset"), ("dataset_config", "--dataset-config"),
+                                      ("test_split", "--test-split"), ("image_column", "--image-column"),
+                                      ("label_column", "--label-column"))
+             if data.get(key) is not None for flag in (option, str(data[key]))]
+    return [sys.executable, str(RECIPES / "evaluate.py"), "--model", str(folder), *flags, "--suite",
+            config.final_suite, "--n-examples", str(config.final_examples), "--norm", config.norm, "--eps",
+            str(config.eps), "--no-checks", "--seed", str(row["seed"]), "--output-dir",
+            str(folder / f"final-{config.final_suite}")]
 
 
-def contributions(rows: list[dict], twin: str) -> list[dict]:
-    """Per variant: mean, lowest and highest final robust accuracy over its seeds, and the teacher's contribution,
-    the mean minus that of the same student's teacherless `twin` (None where the twin was not run)."""
-    done = [r for r in rows if "error" not in r]
-    names = list(dict.fromkeys(r["variant"] for r in done))
-    robust = {n: [r["robust"] for r in done if r["variant"] == n] for n in names}
-    clean = {n: [r["clean"] for r in done if r["variant"] == n] for n in names}
-    summary = []
-    for name in names:
-        mean = sum(robust[name]) / len(robust[name])
-        baseline = robust.get(f"{name.split('/')[0]}/{twin}")
-        summary.append({"variant": name, "seeds": len(robust[name]), "clean": sum(clean[name]) / len(clean[name]),
-                        "robust": mean, "lowest": min(robust[name]), "highest": max(robust[name]),
-                        "teacher_contribution": None if baseline is None or name.endswith(f"/{twin}")
-                        else mean - sum(baseline) / len(baseline)})
-    return summary
-
-
-def summary_table(summary: list[dict], twin: str) -> str:
-    """Markdown: each variant's mean over seeds and its difference from the teacherless twin."""
-    lines = [f"| variant | seeds | clean (mean) | final robust (mean) | lowest - highest | minus {twin} |",
-             "|---|---|---|---|---|---|"]
-    for s in summary:
-        delta = "-" if s["teacher_contribution"] is None else f"{s['teacher_contribution'] * 100:+.1f} points"
-        lines.append(f"| {s['variant']} | {s['seeds']} | {s['clean']:.1%} | {s['robust']:.1%} | "
-                     f"{s['lowest']:.1%} - {s['highest']:.1%} | {delta} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path, eps: float) -> None:
-    """Robust accuracy at `eps` versus training seconds, one labelled point per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if "error" not in r:
-            ax.scatter(r["train_seconds"], r["robust"])
-            ax.annotate(r["variant"], (r["train_seconds"], r["robust"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xlabel("training seconds")
-    ax.set_ylabel(f"robust accuracy, PGD-20 at eps {eps:g}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_contributions(summary: list[dict], twin: str, path: Path) -> None:
-    """Each variant's mean robust accuracy minus its teacherless twin's, a bar each (nothing where no twin ran)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bars = [s for s in summary if s["teacher_contribution"] is not None]
-    if not bars:
-        return
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(bars) + 1.2))
-    values = [100 * s["teacher_contribution"] for s in bars]
-    ax.barh([s["variant"] for s in bars], values, color=["tab:green" if v > 0 else "tab:red" for v in values])
-    ax.axvline(0, color="black", lw=0.8)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"robust accuracy minus STUDENT/{twin}'s (points)")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def run_final(row: dict, config: StudyConfig) -> dict:
+    """`row` with its final suite's clean and robust accuracy (evaluated unless already there)."""
+    cmd = final_command(row, config)
+    folder = Path(row["folder"]) / f"final-{config.final_suite}"
+    if not finished(folder, cmd):
+        ok, tail = run_logged(cmd, folder, "evaluate.log")
+        if not ok:
+            print(f"{row['variant']} (seed {row['seed']}): final suite FAILED ({tail})", flush=True)
+            return row
+        (folder / DONE).write_text(shlex.join(cmd))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    final = {"suite": f"autoattack-{config.final_suite}", "clean": metrics["clean_accuracy"],
+             "robust": metrics["robust_accuracy"]["worst_case"], "num_examples": metrics["num_examples"]}
+    print(f"{row['variant']} (lr {row['lr']:g}, seed {row['seed']}): {final['suite']} {final['robust']:.1%} on "
+          f"{final['num_examples']} images", flush=True)
+    return {**row, "final": final}
 
 
 @one_line_errors
@@ -241,18 +258,37 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise RRMError(f"unknown variant(s) {', '.join(unknown)}; see --list")
     output_dir = Path(config.output_dir)
-    runs = [(v, seed, output_dir / (v.replace("/", "__") + (f"-seed{seed}" if len(config.seeds) > 1 else "")))
-            for v in config.variants for seed in config.seeds]
+    ratios = teacher_ratios(config.variants, known, config) if config.budget else {}
+
+    def launch(name: str, seed: int, lr: float | None) -> dict:
+        recipe, flags = known[name]
+        folder = output_dir / (name.replace("/", "__") + (f"-lr{lr:g}" if lr is not None else "") + f"-seed{seed}")
+        ratio = ratios.get(name.split("/")[0], 1.0) if recipe == "rrm.py" else 1.0
+        cmd = command(recipe, flags, config, folder, seed, lr, ratio)
+        return run_one(name, cmd, folder, seed, lr, step_cost_of(recipe, flags, ratio))
+
     with ThreadPoolExecutor(config.jobs) as pool:
-        rows = list(pool.map(lambda r: run_one(r[0], command(*known[r[0]], config, r[2], r[1]), r[2], r[1]), runs))
-    summary = contributions(rows, config.twin)
+        first, rest = config.seeds[0], config.seeds[1:]
+        # 1. every variant at every learning rate, first seed; 2. the other seeds at each variant's best rate
+        rows = list(pool.map(lambda job: launch(*job), [(v, first, lr) for v in config.variants
+                                                         for lr in (config.lrs or [None])]))
+        best = report.best_lrs(rows)
+        rows += list(pool.map(lambda job: launch(*job), [(v, seed, best[v] if config.lrs else None)
+                                                          for v in config.variants if v in best for seed in rest]))
+        if config.final_suite != "none":  # 3. the final suite on the best rate's runs
+            best = report.best_lrs(rows)
+            chosen = [i for i, r in enumerate(rows) if "error" not in r and r["lr"] == best[r["variant"]]]
+            for i, row in zip(chosen, pool.map(lambda i: run_final(rows[i], config), chosen), strict=True):
+                rows[i] = row
+    summary = report.contributions(rows, config.twin)
     result = {"eps": config.eps, "norm": config.norm, "jobs": config.jobs, "extra": config.extra, "budget":
-              config.budget, "seeds": config.seeds, "twin": config.twin, "rows": rows, "summary": summary}
+              config.budget, "seeds": config.seeds, "lrs": config.lrs, "twin": config.twin,
+              "teacher_ratios": ratios, "final_suite": config.final_suite, "rows": rows, "summary": summary}
     save_json(result, output_dir / "study.json")
-    text = table(rows, config.eps) + "\n" + summary_table(summary, config.twin)
+    text = report.table(rows) + "\n" + report.summary_table(summary, config.twin)
     (output_dir / "study.md").write_text(text)
-    plot(rows, output_dir / "study.png", config.eps)
-    plot_contributions(summary, config.twin, output_dir / "contribution.png")
+    report.plot(rows, output_dir / "study.png", config.eps)
+    report.plot_contributions(summary, config.twin, output_dir / "contribution.png")
     print(text)
     return result
 

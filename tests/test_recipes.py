@@ -148,7 +148,7 @@ def test_study_runs_each_variant_and_tabulates(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())
     [row] = study["rows"]
-    assert row["variant"] == "cnn/adversarial" and row["seed"] == 0
+    assert row["variant"] == "cnn/adversarial" and row["seed"] == 0 and row["lr"] == 3e-3
     assert set(row["sweep"]) == {"0.1", "0.3"} and row["steps"] == 2 and 0 <= row["clean"] <= 1
     assert "--match-on adversarial" in row["command"] and "--seed 0" in row["command"]
     assert study["summary"][0]["robust"] == row["robust"] and study["summary"][0]["teacher_contribution"] is None
@@ -158,18 +158,31 @@ def test_study_runs_each_variant_and_tabulates(tmp_path):
     assert bad.returncode != 0 and "unknown variant" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_the_study_compares_each_variant_with_its_teacherless_twin(tmp_path):
+def test_the_study_compares_each_variant_at_its_best_rate_with_its_teacherless_twin(tmp_path):
+    from rrm_hub import study as report
+
     module = load_recipe("study.py")
-    rows = [{"variant": "vit/rslad", "robust": 0.30, "clean": 0.9}, {"variant": "vit/rslad", "robust": 0.40,
-            "clean": 0.8}, {"variant": "vit/atta_at", "robust": 0.20, "clean": 0.9}, {"variant": "cnn/kd",
-            "robust": 0.0, "clean": 0.99}, {"variant": "vit/kd", "error": "boom"}]
-    rslad, twin, kd = module.contributions(rows, "atta_at")
-    assert (rslad["seeds"], rslad["lowest"], rslad["highest"]) == (2, 0.30, 0.40)
+    rows = [{"variant": "vit/rslad", "lr": 1e-3, "robust": 0.30, "clean": 0.9},
+            {"variant": "vit/rslad", "lr": 1e-3, "robust": 0.40, "clean": 0.8},
+            {"variant": "vit/rslad", "lr": 2e-3, "robust": 0.33, "clean": 0.9},  # the best rate is 1e-3 (mean 0.35)
+            {"variant": "vit/atta_at", "lr": 2e-3, "robust": 0.20, "clean": 0.9},
+            {"variant": "vit/atta_at", "lr": 1e-3, "robust": 0.10, "clean": 0.9},
+            {"variant": "cnn/kd", "lr": 1e-3, "robust": 0.0, "clean": 0.99}, {"variant": "vit/kd", "error": "boom"}]
+    assert report.best_lrs(rows) == {"vit/rslad": 1e-3, "vit/atta_at": 2e-3, "cnn/kd": 1e-3}
+    rslad, twin, kd = report.contributions(rows, "atta_at")
+    assert (rslad["seeds"], rslad["lowest"], rslad["highest"], rslad["by"]) == (2, 0.30, 0.40, "pgd20")
     assert rslad["robust"] == pytest.approx(0.35) and rslad["teacher_contribution"] == pytest.approx(0.15)
     assert twin["teacher_contribution"] is None and kd["teacher_contribution"] is None  # no cnn/atta_at run
-    assert "+15.0 points" in module.summary_table([rslad, twin, kd], "atta_at")
-    module.plot_contributions([rslad, twin, kd], "atta_at", tmp_path / "contribution.png")
-    module.plot_contributions([twin, kd], "atta_at", tmp_path / "none.png")  # no variant has a twin: no plot
+    assert "+15.0 points" in report.summary_table([rslad, twin, kd], "atta_at")
+    # the final suite replaces the screening where every seed of the best rate has it; the twin must have it too
+    final = [{**r, "final": {"suite": "autoattack-standard", "clean": 0.9, "robust": r["robust"] - 0.05}}
+             if r.get("lr") == 1e-3 and r["variant"] == "vit/rslad" else r for r in rows]
+    rslad, twin, _ = report.contributions(final, "atta_at")
+    assert rslad["by"] == "autoattack-standard" and rslad["robust"] == pytest.approx(0.30)
+    assert rslad["teacher_contribution"] is None  # the twin was measured by PGD-20 only: not compared
+    report.plot_contributions([rslad, twin, kd], "atta_at", tmp_path / "none.png")  # no variant has a twin: no plot
+    summary = report.contributions(rows, "atta_at")
+    report.plot_contributions(summary, "atta_at", tmp_path / "contribution.png")
     assert (tmp_path / "contribution.png").stat().st_size > 0 and not (tmp_path / "none.png").exists()
     config = module.StudyConfig(norm="l2", eps=2.0)
     rrm = module.command(*module.variants()["vit/rslad"], config, tmp_path, seed=3)
@@ -179,3 +192,33 @@ def test_the_study_compares_each_variant_with_its_teacherless_twin(tmp_path):
         assert cmd[cmd.index("--norm") + 1] == "l2" and cmd[cmd.index("--seed") + 1] == "3"
     bad = run_here(["recipes/study.py", "--twin", "nope", "--variants", "vit/kd", "--output-dir", str(tmp_path)])
     assert bad.returncode == 2 and "--twin nope is not a baseline; choose one of atta_at, pgd_at" in bad.stderr
+
+
+def test_the_study_tunes_each_variant_counts_the_teacher_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    extra = "--max-steps 1 --batch-size 8 --epoch-eval-examples 0 --eval-examples 8 --sweep-examples 0"
+    args = ["recipes/study.py", "--variants", "cnn/kd", "cnn/atta_at", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1",
+            "--budget", "4", "--eps-sweep", "0.3", "--final-suite", "standard", "--final-examples", "8", "--jobs", "2",
+            "--extra", extra, "--output-dir", str(out)]
+    result = run_here(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())
+    ratio = study["teacher_ratios"]["cnn"]
+    assert ratio > 0 and "cnn: a teacher forward costs" in result.stdout
+    rows = study["rows"]
+    assert sorted((r["variant"], r["lr"], r["seed"]) for r in rows if r["seed"] == 0) == [
+        ("cnn/atta_at", 1e-3, 0), ("cnn/atta_at", 3e-3, 0), ("cnn/kd", 1e-3, 0), ("cnn/kd", 3e-3, 0)]
+    best = {s["variant"]: s["lr"] for s in study["summary"]}
+    for row in rows:  # the second seed runs at the best rate only, and the best rate's runs get the final suite
+        assert row["seed"] == 0 or row["lr"] == best[row["variant"]]
+        assert ("final" in row) == (row["lr"] == best[row["variant"]])
+    kd = next(r for r in rows if r["variant"] == "cnn/kd")
+    assert kd["step_cost"] == pytest.approx(1 + ratio / 3, rel=1e-3)  # a teacher forward at its measured cost
+    assert f"--epochs {max(1, round(4 / kd['step_cost']))}" in kd["command"]
+    assert all(s["by"] == "autoattack-standard" and s["seeds"] == 2 for s in study["summary"])
+    assert study["summary"][0]["teacher_contribution"] is not None
+    logs = {p: p.stat().st_mtime for p in out.rglob("*.log")}
+    again = run_here([*args[:-2], "--teacher-ratio", str(ratio), "--output-dir", str(out)])  # resumed: nothing runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in out.rglob("*.log")} == logs
+    assert json.loads((out / "study.json").read_text())["summary"] == study["summary"]

@@ -1,0 +1,127 @@
+"""What a study of runs found: each variant at its best learning rate, its seeds, and what a teacher adds over the
+same student's teacherless twin. Rows are the runs (`variant`, `lr`, `seed`, `clean`, `robust`: PGD-20 screening;
+`final`: the final suite's {suite, clean, robust} where it ran); `recipes/study.py` makes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean
+
+
+def done(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "error" not in r]
+
+
+def best_lrs(rows: list[dict]) -> dict[str, float]:
+    """Each variant's learning rate with the highest mean screening robust accuracy (ties: the smaller rate)."""
+    scores: dict[str, dict[float, list[float]]] = {}
+    for r in done(rows):
+        scores.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(r["robust"])
+    return {variant: max(sorted(by_lr), key=lambda lr: mean(by_lr[lr])) for variant, by_lr in scores.items()}
+
+
+def measured(row: dict) -> tuple[float, float, str]:
+    """(clean, robust, by what) of a run: the final suite's where it ran, else the screening's."""
+    final = row.get("final")
+    if final:
+        return final["clean"], final["robust"], final["suite"]
+    return row["clean"], row["robust"], "pgd20"
+
+
+def contributions(rows: list[dict], twin: str) -> list[dict]:
+    """Per variant, at its best learning rate: the mean, lowest and highest robust accuracy over its seeds (the final
+    suite's where every seed has it, else the screening's), and the teacher's contribution: that mean minus the same
+    student's teacherless `twin`'s (None where the twin did not run, or was measured by another suite)."""
+    best = best_lrs(rows)
+    chosen = [r for r in done(rows) if r["lr"] == best[r["variant"]]]
+    names = list(dict.fromkeys(r["variant"] for r in chosen))
+    stats = {}
+    for name in names:
+        runs = [r for r in chosen if r["variant"] == name]
+        final = all(r.get("final") for r in runs)
+        values = [measured(r) if final else (r["clean"], r["robust"], "pgd20") for r in runs]
+        robust = [v[1] for v in values]
+        stats[name] = {"variant": name, "lr": best[name], "seeds": len(runs), "by": values[0][2],
+                       "clean": mean(v[0] for v in values), "robust": mean(robust), "lowest": min(robust),
+                       "highest": max(robust), "screening_robust": mean(r["robust"] for r in runs)}
+    for name, s in stats.items():
+        baseline = stats.get(f"{name.split('/')[0]}/{twin}")
+        comparable = baseline is not None and baseline["by"] == s["by"] and not name.endswith(f"/{twin}")
+        s["teacher_contribution"] = s["robust"] - baseline["robust"] if comparable else None
+    return list(stats.values())
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per run; robust columns are PGD-20 accuracy at each sweep epsilon, then the final suite."""
+    runs = done(rows)
+    epsilons = sorted({e for r in runs for e in r["sweep"]}, key=float)
+    lines = ["| variant | lr | seed | step cost | epochs | natural-step epochs | ms/step | train s | clean | "
+             + " | ".join(f"eps {e}" for e in epsilons) + " | final suite |", "|---" * (10 + len(epsilons)) + "|"]
+    for r in runs:
+        robust = " | ".join(f"{r['sweep'][e]:.1%}" if e in r["sweep"] else "-" for e in epsilons)
+        cost = r.get("step_cost")
+        units = "-" if cost is None else f"{cost * r['epochs']:.1f}"
+        final = r.get("final")
+        final_text = (f"{final['suite']}: {final['robust']:.1%} ({final['clean']:.1%} clean)" if final else
+                      ", ".join(f"{name} {value:.1%}" for name, value in r["suite"].items()))
+        lines.append(f"| {r['variant']} | {r['lr']:g} | {r['seed']} | {'-' if cost is None else f'{cost:.2f}'} | "
+                     f"{r['epochs']} | {units} | {r['seconds_per_step'] * 1000:.1f} | {r['train_seconds']:.0f} | "
+                     f"{r['clean']:.1%} | {robust} | {final_text} |")
+    lines += [f"| {r['variant']} | {r.get('lr', '-')} | {r.get('seed', '-')} | failed: {r['error']} |"
+              for r in rows if "error" in r]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(summary: list[dict], twin: str) -> str:
+    """Markdown: each variant at its best learning rate, its mean over seeds and its difference from the twin."""
+    lines = [f"| variant | best lr | seeds | measured by | clean (mean) | robust (mean) | lowest - highest | "
+             f"minus {twin} |", "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        delta = "-" if s["teacher_contribution"] is None else f"{s['teacher_contribution'] * 100:+.1f} points"
+        lines.append(f"| {s['variant']} | {s['lr']:g} | {s['seeds']} | {s['by']} | {s['clean']:.1%} | "
+                     f"{s['robust']:.1%} | {s['lowest']:.1%} - {s['highest']:.1%} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(rows: list[dict], path: Path, eps: float) -> None:
+    """Robust accuracy (PGD-20) at `eps` versus training seconds, one labelled point per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in done(rows):
+        ax.scatter(r["train_seconds"], r["robust"])
+        ax.annotate(f"{r['variant']} lr {r['lr']:g}", (r["train_seconds"], r["robust"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel(f"robust accuracy, PGD-20 at eps {eps:g}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_contributions(summary: list[dict], twin: str, path: Path) -> None:
+    """Each variant's mean robust accuracy minus its teacherless twin's, a bar each (nothing where no twin ran)."""
+    bars = [s for s in summary if s["teacher_contribution"] is not None]
+    if not bars:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(bars) + 1.2))
+    values = [100 * s["teacher_contribution"] for s in bars]
+    ax.barh([f"{s['variant']} ({s['by']})" for s in bars], values,
+            color=["tab:green" if v > 0 else "tab:red" for v in values])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"robust accuracy minus STUDENT/{twin}'s (points)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
