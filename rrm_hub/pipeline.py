@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from . import cli, components, provenance
+from . import cli, components, evaluation_cache, provenance
 from .align import Match, MatchedPair, teacher_pairs
 from .cards import hardware, plot_sweeps, render_card, save_json
 from .config import AdversarialTrainConfig, DistillConfig, parse_kwargs
@@ -165,8 +165,7 @@ def distill(config: DistillConfig) -> RunResult:
     test_loader, sweep_loader = components.evaluation_loaders(images, evaluation, config.training.batch_size)
     options = components.report_options(evaluation, accelerator)
     result = robustness_report(student, test_loader, sweep_loader, **options)
-    teacher_result = (robustness_report(prepared.teacher, test_loader, sweep_loader, **options)
-                      if prepared.labels_match else None)
+    teacher_result = teacher_report(prepared, test_loader, sweep_loader, options) if prepared.labels_match else None
 
     metrics = {
         **result, "method": config.method, "match_on": config.rrm.match_on if config.method == "rrm" else None,
@@ -184,6 +183,7 @@ def distill(config: DistillConfig) -> RunResult:
         "teacher_clean_accuracy": teacher_result["clean_accuracy"] if teacher_result else None,
         "teacher_robust_accuracy": teacher_result["robust_accuracy"] if teacher_result else None,
         "teacher_sweep": teacher_result["sweep"] if teacher_result else None,
+        "teacher_evaluation_cached": teacher_result["cached"] if teacher_result else None,
         "history": run["history"],
     }
     if accelerator.is_main_process:
@@ -199,6 +199,21 @@ def distill(config: DistillConfig) -> RunResult:
         save_outputs(prepared.output_dir, config, metrics, curves, "rrm.py")
     share(config, prepared.output_dir, accelerator)
     return RunResult(metrics, prepared.output_dir, student, accelerator.is_main_process)
+
+
+def teacher_report(prepared: Setup, test_loader, sweep_loader, options: dict) -> dict:
+    """The teacher's robustness report, evaluated as the student's was: reused where the same teacher was measured on
+    the same images with the same settings before (`rrm_hub.evaluation_cache`; with `cached` saying where from),
+    else measured and kept."""
+    settings = {**{k: v for k, v in options.items() if k != "accelerator"}, "seed": prepared.config.training.seed}
+    report = evaluation_cache.cached_report(
+        prepared.teacher, test_loader, sweep_loader, settings,
+        lambda: robustness_report(prepared.teacher, test_loader, sweep_loader, **options), hardware(),
+        save=prepared.accelerator.is_main_process)
+    if report["cached"]:
+        prepared.accelerator.print(f"teacher's evaluation reused from {report['cached']['from']} (the same weights, "
+                                   f"images and attacks; measured on {report['cached']['measured_on']})")
+    return report
 
 
 def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
