@@ -18,6 +18,7 @@ from pathlib import Path
 from rrm_hub import TrainConfig, cli, components, make_loader
 from rrm_hub.cards import PLOT_FILE, hardware, plot_sweeps, save_json
 from rrm_hub.checks import MaskingChecks
+from rrm_hub.config import check_l2_budgets
 from rrm_hub.errors import RRMError, one_line_errors
 from rrm_hub.evaluate import EvaluateConfig, evaluate_suite
 from rrm_hub.hub import push_results, results_card
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. the model (any robust classifier taking [0, 1] pixels) and the test images
     model = config.model.load(accelerator.device)
     images = components.load_data(config.data, config.seed)
+    check_l2_budgets(config, images.channels, images.image_size)
     if model.num_classes != images.num_classes:
         raise RRMError(f"the model predicts {model.num_classes} classes but the dataset has {images.num_classes}; "
                        "give the dataset it was trained on")

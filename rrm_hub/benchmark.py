@@ -55,8 +55,9 @@ class BenchmarkConfig(RunConfig):
     quick: bool = setting(False, f"a short run: {QUICK}")
     attack_steps: int = setting(7, "PGD steps of PGD-AT", ge=1)
     replays: int = setting(4, "minibatch replays of free-AT (epochs / replays)", ge=1)
-    eps_warmup: float = setting(0.3, "epsilon ramp of PGD-AT and fast-AT", ge=0)
-    target_fraction: float = setting(0.9, "time-to-target: this fraction of PGD-AT's final robust accuracy", gt=0)
+    eps_warmup: float = setting(0.3, "epsilon ramp of PGD-AT and fast-AT, a fraction of training", ge=0, le=1)
+    target_fraction: float = setting(0.9, "time-to-target: this fraction of PGD-AT's final robust accuracy", gt=0,
+                                     le=1)
     target: float | None = setting(None, "robust accuracy (PGD-10 per-epoch check) for time-to-target (default: "
                                    "--target-fraction of PGD-AT's final robust accuracy)", ge=0)
     teacher: TeacherConfig = section(TeacherConfig)

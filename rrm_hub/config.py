@@ -10,6 +10,7 @@ section (`training: {epochs: 40}`); every run writes its own as `run_config.yaml
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -101,7 +102,7 @@ class RRMOptions:
     clean_weight: float = setting(0.0, "also match on the clean images with this weight (the student runs on both)",
                                   ge=0)
     eps_warmup: float = setting(0.0, "ramp --match-eps up from 0 over this fraction of training",
-                                flag="--match-eps-warmup", ge=0)
+                                flag="--match-eps-warmup", ge=0, le=1)
     kd_weight: float = setting(0.0, "weight of logit distillation from the teacher", ge=0)
     temperature: float = setting(4.0, "temperature of the logit distillation", flag="--kd-temperature", gt=0)
 
@@ -200,12 +201,46 @@ over epochs (README: 'Making students robust')."""
 
 
 # ---- run configs
+BUDGETS = ("eps", "eps_sweep")
+"""The settings that are attack budgets (in any section): under L-inf, each is at most 1 ([0, 1] pixels)."""
+
+
+def _budgets(config):
+    """(norm, flag, value) of every attack budget set in `config` and its sections."""
+    norm = getattr(config, "norm", None) or getattr(getattr(config, "eval", None), "norm", None)
+    for owner in [config, *(v for v in vars(config).values() if settings.is_section(v))]:
+        for field in dataclasses.fields(owner):
+            values = getattr(owner, field.name) if field.name in BUDGETS else None
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, (int, float)):
+                    yield norm, settings.label_of(type(owner), field), value
+
+
+def check_budgets(config) -> None:
+    """Refuse an L-inf budget above 1: no pixel can move further, so an attack 'at eps 300' measures nothing."""
+    for norm, flag, value in _budgets(config):
+        if norm == "linf" and value > 1:
+            raise RRMError(f"{flag} {value:g} is more than an L-inf budget can be (pixels are in [0, 1]: at most 1, "
+                           "e.g. 0.3 or 8/255 = 0.0314); for an L2 budget add --norm l2")
+
+
+def check_l2_budgets(config, channels: int, size: tuple[int, int]) -> None:
+    """Refuse an L2 budget above the largest possible perturbation of the input, sqrt(channels x height x width)
+    (every pixel from 0 to 1), once the input size is known."""
+    largest = math.sqrt(channels * size[0] * size[1])
+    for norm, flag, value in _budgets(config):
+        if norm == "l2" and value > largest:
+            raise RRMError(f"{flag} {value:g} is more than any L2 perturbation of a {channels}x{size[0]}x{size[1]} "
+                           f"image can be ({largest:.4g}, every pixel moved from 0 to 1); choose a smaller budget")
+
+
 @dataclass
 class RunConfig:
     """A recipe's settings: sections and settings of its own. `validate` checks them all, once."""
 
     def validate(self) -> RunConfig:
         settings.check(self)
+        check_budgets(self)
         hub, evaluation = getattr(self, "hub", None), getattr(self, "eval", None)
         if hub is not None and hub.push and not hub.model_id:
             raise RRMError("--push-to-hub needs --hub-model-id user/name")
@@ -266,7 +301,8 @@ class AdversarialTrainConfig(RunConfig):
         "start of 2 eps, a step of eps, not projected); atta_at: one step of 0.5 eps an epoch from where the "
         "image's attack ended the epoch before (ATTA)")
     attack_steps: int = setting(7, "PGD steps while training (pgd_at)", ge=1)
-    eps_warmup: float = setting(0.3, "ramp epsilon up from 0 over this fraction of training (0: off)", ge=0)
+    eps_warmup: float = setting(0.3, "ramp epsilon up from 0 over this fraction of training (0: off)", ge=0,
+                                le=1)
     disjoint_from: str | None = setting(None, "refuse to train when a training image (by pixel hash) is also in "
                                         "this dataset, any split (e.g. mnist-5k, the students' data); writes the "
                                         "training images' hashes beside the model (train_hashes.safetensors)")

@@ -14,7 +14,7 @@ from torch import nn
 from . import cli, components, evaluation_cache, provenance
 from .align import Match, MatchedPair, teacher_pairs
 from .cards import hardware, plot_sweeps, render_card, save_json
-from .config import AdversarialTrainConfig, DistillConfig, parse_kwargs
+from .config import AdversarialTrainConfig, DistillConfig, check_l2_budgets, parse_kwargs
 from .data import ImageData
 from .errors import RRMError
 from .evaluate import robustness_report, transfer_check
@@ -76,6 +76,7 @@ def setup(config: DistillConfig) -> Setup:
     name = resolve_model_name(name, "--student", accelerator.print)
     images = components.load_data(config.data, config.training.seed, config.eval.holdout,
                                   model_input(name, student_args))
+    check_l2_budgets(config, images.channels, images.image_size)
     if config.rrm.cache_teacher and (images.augment == "timm" or images.streaming):
         raise RRMError("--cache-teacher needs the training images on disk and unaugmented, not streamed or "
                        "randomly cropped: drop --streaming, add --augment none, or drop --cache-teacher")
@@ -229,6 +230,7 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
     name = resolve_model_name(config.model.name, "--model", accelerator.print)
     images = components.load_data(config.data, config.training.seed, config.eval.holdout,
                                    model_input(name, model_args))
+    check_l2_budgets(config, images.channels, images.image_size)
     model = create_pixel_model(name, images.num_classes, (images.channels, *images.image_size), model_args,
                                images.class_names)
     hashes = disjoint_training_images(images, config.disjoint_from, accelerator.print) if config.disjoint_from else None

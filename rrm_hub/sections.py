@@ -179,7 +179,7 @@ class TrainConfig:
     weight_decay: float = setting(0.05, "weight decay", ge=0)
     optimizer: Literal["adamw", "sgd"] = setting("adamw", "optimizer")
     momentum: float = setting(0.9, "momentum of SGD (Nesterov)", ge=0)
-    warmup: float = setting(0.05, "warm-up, as a fraction of all steps", ge=0)
+    warmup: float = setting(0.05, "warm-up, as a fraction of all steps", ge=0, le=1)
     grad_clip: float | None = setting(None, "clip the gradient norm to this", gt=0)
     grad_accum: int = setting(1, "gradient accumulation steps", ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "mixed precision")

@@ -1,8 +1,8 @@
 """Typed settings: dataclass fields that carry their help, command-line flag and bounds, checked in one place.
 
 A *section* is a dataclass of settings (`setting(...)` fields); a *run config* is a dataclass whose fields are
-sections or settings. `check` enforces every field's type, choices (a `Literal` annotation) and bounds (`ge`, `gt`);
-`to_dict` / `from_dict` turn a config into nested plain data (the YAML of `run_config.yaml`) and back.
+sections or settings. `check` enforces every field's type, choices (a `Literal` annotation) and bounds (`ge`, `gt`,
+`le`); `to_dict` / `from_dict` turn a config into nested plain data (the YAML of `run_config.yaml`) and back.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from .errors import RRMError
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, ge: float | None = None,
-            gt: float | None = None, nargs: str | None = None, action: str | None = None, const: Any = None,
-            metavar: str | None = None, label: str | None = None, error: str | None = None,
+            gt: float | None = None, le: float | None = None, nargs: str | None = None, action: str | None = None,
+            const: Any = None, metavar: str | None = None, label: str | None = None, error: str | None = None,
             factory: Any = None) -> Any:
-    """A dataclass field of a section. `flag`: its command-line name (default `--field-name`); `ge` / `gt`: bounds
-    (applied to each item of a list); `label`: how messages name it (default: the flag); `error`: the message
+    """A dataclass field of a section. `flag`: its command-line name (default `--field-name`); `ge` / `gt` / `le`:
+    bounds (applied to each item of a list); `label`: how messages name it (default: the flag); `error`: the message
     for a value out of bounds (default '<flag> must be >= <ge>, got <value>'); `nargs`, `action`, `const`,
     `metavar`: passed to argparse."""
-    metadata = {key: value for key, value in dict(help=help, flag=flag, ge=ge, gt=gt, nargs=nargs, action=action,
+    metadata = {key: value for key, value in dict(help=help, flag=flag, ge=ge, gt=gt, le=le, nargs=nargs, action=action,
                                                     const=const, metavar=metavar, label=label, error=error).items()
                 if value is not None}
     if factory is not None:
@@ -116,7 +116,8 @@ def _check_bounds(value: Any, field: dataclasses.Field, label: str, list_item: b
     if value is None or isinstance(value, (str, bool)):
         return
     what = f"{label} values" if list_item else label
-    for key, sign, holds in (("ge", ">=", lambda bound: value >= bound), ("gt", ">", lambda bound: value > bound)):
+    for key, sign, holds in (("ge", ">=", lambda bound: value >= bound), ("gt", ">", lambda bound: value > bound),
+                             ("le", "<=", lambda bound: value <= bound)):
         bound = field.metadata.get(key)
         if bound is not None and not holds(bound):
             raise RRMError(field.metadata.get("error") or f"{what} must be {sign} {bound:g}, got {value}")
