@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
@@ -27,6 +28,9 @@ def make_accelerator(training: TrainConfig) -> Accelerator:
     Refuses a launch that started several processes which would each train alone (accelerate's
     `--multi_gpu` on a machine without GPUs does that): duplicated work and two writers of one folder.
     """
+    if training.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise RRMError("--mixed-precision fp16 needs a GPU (on a CPU it would silently run in float32); use "
+                       "--mixed-precision bf16 or no")
     accelerator = Accelerator(mixed_precision=training.mixed_precision,
                               gradient_accumulation_steps=training.grad_accum,
                               dynamo_backend="inductor" if training.compile else "no",
