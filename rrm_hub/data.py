@@ -234,6 +234,10 @@ def load_image_data(
     label_feature = sample.features[label_column]
     if isinstance(label_feature, datasets.ClassLabel):
         class_names = list(label_feature.names)
+    elif not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint"))):
+        held = getattr(label_feature, "dtype", None) or type(label_feature).__name__
+        raise RRMError(f"label column '{label_column}' holds {held}, not class ids; name the column of classes "
+                       f"(a ClassLabel or integers) with --label-column (columns: {sample.column_names})")
     else:
         labels = set(sample[label_column]) | set(test[label_column])
         if not all(isinstance(v, int) for v in labels) or min(labels) < 0:
