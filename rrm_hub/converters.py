@@ -60,7 +60,8 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
-            raise RRMError(f"cannot read checkpoint '{source}' as safetensors ({err})") from None
+            raise RRMError(f"cannot read checkpoint '{source}' as safetensors ({err}): it is damaged or not a "
+                           "safetensors file; download it again, or give the file it was converted from") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -124,7 +124,7 @@ def create_pixel_model(
     except RuntimeError as err:
         raise RRMError(f"timm cannot build '{architecture}' ({err}); see timm.list_models()") from None
     except TypeError as err:
-        raise RRMError(f"bad model kwargs for '{architecture}': {err}") from None
+        raise RRMError(f"bad model kwargs for '{architecture}' ({err}); fix or drop that key=value") from None
     config = data_config(model)
     fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
     size = config["input_size"] if fixed else (config["input_size"][0], *input_size[1:])
@@ -170,7 +170,9 @@ def model_input(architecture: str, model_args: dict | None = None):
     try:
         with torch.device("meta"):
             model = timm.create_model(architecture, pretrained=False, num_classes=0, **(model_args or {}))
-    except (RuntimeError, TypeError) as err:
+    except TypeError as err:
+        raise RRMError(f"bad model kwargs for '{architecture}' ({err}); fix or drop that key=value") from None
+    except RuntimeError as err:
         raise RRMError(f"timm cannot build '{architecture}' ({err}); see timm.list_models()") from None
     config = data_config(model)
     return ModelInput(tuple(config["input_size"][1:]), float(config.get("crop_pct") or 0.875),

@@ -5,9 +5,11 @@ each setting with its help, flag and bounds (`rrm_hub.settings.setting`). Run co
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
+from . import settings
 from .align import MatchMode
 from .attacks import Norm
 from .errors import RRMError
@@ -74,10 +76,25 @@ class ModelSource:
         """The model, frozen, taking [0, 1] pixels (on `device` if given)."""
         from .teachers import load_teacher
 
-        model = load_teacher(self.name, revision=self.revision, checkpoint=self.checkpoint, arch=self.arch,
-                             model_args=parse_kwargs(self.kwargs), num_classes=self.num_classes,
-                             trust_remote_code=self.trust_remote_code)
+        try:
+            model = load_teacher(self.name, revision=self.revision, checkpoint=self.checkpoint, arch=self.arch,
+                                 model_args=parse_kwargs(self.kwargs), num_classes=self.num_classes,
+                                 trust_remote_code=self.trust_remote_code)
+        except RRMError as err:  # the loaders speak of a teacher and its flags: say them as this section's
+            message = str(err)
+            if type(self) is not TeacherConfig:
+                renames = {TeacherConfig.FLAGS[key]: flag for key, flag in self.flags().items()
+                           if key in TeacherConfig.FLAGS}
+                for old in sorted(renames, key=len, reverse=True):
+                    message = message.replace(old, renames[old])
+                message = message.replace("teacher '", f"{self.TITLE} '").replace("the teacher", f"the {self.TITLE}")
+            raise type(err)(message) from None
         return model if device is None else model.to(device)
+
+    @classmethod
+    def flags(cls) -> dict[str, str]:
+        """The flag of each setting, as this section spells them."""
+        return {f.name: settings.flag_of(cls, f) for f in dataclasses.fields(cls)}
 
 
 MODEL_FLAGS = {"name": "--model", "kwargs": "--model-kwargs"}

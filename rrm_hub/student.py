@@ -18,11 +18,12 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import align
-from .errors import RRMError
+from .errors import RRMError, RRMLoadError, hub_errors
 from .features import FeatureTap, classifier_name, pool
 from .models import PixelPreprocess, data_config, per_channel
 from .names import near_names
@@ -260,6 +261,28 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         head_state = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
         save_file(head_state, str(save_directory / HEAD_FILE), metadata={"format": "pt"})
         (save_directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None,
+                        token: str | bool | None = None, local_files_only: bool = False, **kwargs) -> RRMStudent:
+        """A student from a folder or a Hub repo (`revision`, `token`, `local_files_only` as Hugging Face loaders
+        take them). What cannot be loaded is an `RRMLoadError`: one line that says what to do, and an `OSError` as
+        transformers raises."""
+        source = str(pretrained_model_name_or_path)
+        try:
+            with hub_errors(f"student '{source}'", RRMLoadError, revision):
+                return super().from_pretrained(source, revision=revision, token=token,
+                                               local_files_only=local_files_only, **kwargs)
+        except RRMLoadError:
+            raise
+        except RRMError as err:
+            raise RRMLoadError(str(err)) from None
+        except json.JSONDecodeError as err:
+            raise RRMLoadError(f"student '{source}': its config.json is not valid JSON (line {err.lineno}); download "
+                               "it again (force_download=True) or re-save the student with save_pretrained") from None
+        except SafetensorError as err:
+            raise RRMLoadError(f"student '{source}': a weight file is damaged ({err}); download it again "
+                               "(force_download=True) or re-save the student with save_pretrained") from None
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False,

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import timm
 from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from torch import nn
 
@@ -31,7 +30,7 @@ from .converters import (
     weights_in,
 )
 from .encoders import OPEN_CLIP_CONFIG, PICKLED_WEIGHTS, clip_teacher, is_clip_config, open_clip_teacher
-from .errors import RRMError
+from .errors import RRMError, hub_errors
 from .models import PixelModel, preprocess_for
 from .student import CONFIG_FILE, RRMStudent
 
@@ -44,9 +43,6 @@ L2_TEACHER = ASSETS / "mnist-robust-resnet-l2"
 HF_URL = "hf://"
 ROBUSTBENCH = "robustbench:"
 REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
-OFFLINE_HINT = "(HF_HUB_OFFLINE?); download it first or give a local path"
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for param in model.parameters():
@@ -98,32 +94,17 @@ def _load_folder_as_configured(folder: Path, source: str, trust_remote_code: boo
     raise RRMError(f"teacher '{source}': config.json is not a timm, transformers, CLIP or rrm-hub config")
 
 
-@contextmanager
-def _hub_errors(what: str):
-    """Turn `huggingface_hub`'s errors while fetching `what` into one-line `RRMError`s."""
-    try:
-        yield
-    except HFValidationError as err:
-        raise RRMError(f"{what}: not a valid Hub id ({err})") from None
-    except LocalEntryNotFoundError:
-        raise RRMError(f"{what} is not in the local Hugging Face cache and the Hub cannot be reached "
-                       f"{OFFLINE_HINT}") from None
-    except HfHubHTTPError as err:
-        raise RRMError(f"{what} could not be fetched from the Hub ({type(err).__name__}); check the id, the path, "
-                       "the revision and your token (hf auth login)") from None
-
-
-def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool, access: dict | None = None) -> Path:
     """The config, weights and card of a Hub model repo (its code too with `trust_remote_code`); a repo without
     safetensors gets its `pytorch_model.bin` (or open_clip's), which is then read weights-only."""
     patterns = ["*.json", "*.safetensors", "*.md"] + (["*.py"] if trust_remote_code else [])
-    with _hub_errors(f"teacher '{repo_id}'"):
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    with hub_errors(f"teacher '{repo_id}'", revision=revision):
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **(access or {})))
     if not any(folder.glob("*.safetensors")):
         name = PICKLED_WEIGHTS if (folder / OPEN_CLIP_CONFIG).exists() else "pytorch_model.bin"
-        with _hub_errors(f"'{name}' of '{repo_id}'"):
+        with hub_errors(f"'{name}' of '{repo_id}'"):
             try:
-                hf_hub_download(repo_id, name, revision=revision)  # into the same snapshot folder
+                hf_hub_download(repo_id, name, revision=revision, **(access or {}))  # into the same snapshot
             except (EntryNotFoundError, LocalEntryNotFoundError):
                 pass  # the folder loader says which weights are missing
     return folder
@@ -138,18 +119,18 @@ def parse_hf_url(url: str) -> tuple[str, str, str | None]:
     return f"{parts[0]}/{name}", "/".join(parts[2:]), revision or None
 
 
-def _download(repo_id: str, filename: str, revision: str | None) -> Path:
+def _download(repo_id: str, filename: str, revision: str | None, access: dict | None = None) -> Path:
     """One file of a Hub model repo, through the Hugging Face cache."""
-    with _hub_errors(f"'{filename}' of '{repo_id}'"):
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    with hub_errors(f"'{filename}' of '{repo_id}'"):
+        return Path(hf_hub_download(repo_id, filename, revision=revision, **(access or {})))
 
 
 def _load_file(spec: str, revision: str | None, arch: str | None, model_args: dict | None,
-               num_classes: int | None) -> nn.Module:
+               num_classes: int | None, access: dict | None = None) -> nn.Module:
     """A weight file given as `hf://org/repo/path/in/repo` or a local path."""
     if spec.startswith(HF_URL):
         repo_id, filename, url_revision = parse_hf_url(spec)
-        path = _download(repo_id, filename, url_revision or revision)
+        path = _download(repo_id, filename, url_revision or revision, access)
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
@@ -178,6 +159,8 @@ def load_teacher(
     model_args: dict | None = None,
     num_classes: int | None = None,
     trust_remote_code: bool = False,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
 ) -> nn.Module:
     """A frozen, eval-mode teacher taking [0, 1] pixels, with `num_classes`, `label_names`, `source` and `network`.
 
@@ -187,13 +170,15 @@ def load_teacher(
     weight file, `hf://org/repo/path/in/repo` or a path. A weight file's architecture is `arch` (`name`,
     `timm:name`, `torchvision:name`) or guessed from the file name; `load_teacher("resnet18", checkpoint=...)`
     names it as `spec`. `model_args` and `num_classes`
-    build that architecture. `trust_remote_code` lets transformers run a repo's own model code.
+    build that architecture. `trust_remote_code` lets transformers run a repo's own model code. `token` and
+    `local_files_only` go to the Hub downloads, as Hugging Face loaders take them.
     """
+    access = {"token": token, "local_files_only": local_files_only}
     if checkpoint is not None:
         named = None if spec in (None, "default") else spec
         if named and arch not in (None, named):
             raise RRMError(f"two architectures given ('{named}' and '{arch}'); give one")
-        return _freeze(_load_file(checkpoint, revision, arch or named, model_args, num_classes))
+        return _freeze(_load_file(checkpoint, revision, arch or named, model_args, num_classes, access))
     is_file = spec is not None and _is_weight_file(spec)
     if not is_file and (arch or model_args or num_classes):
         raise RRMError("an architecture, model kwargs or a number of classes only apply to a weight file "
@@ -207,17 +192,18 @@ def load_teacher(
 
         return _freeze(robustbench_teacher(spec))
     if is_file:
-        return _freeze(_load_file(spec, revision, arch, model_args, num_classes))
+        return _freeze(_load_file(spec, revision, arch, model_args, num_classes, access))
     path = Path(spec).expanduser()
     if path.is_dir():
         return _freeze(_load_folder(path, spec, trust_remote_code))
     if spec.startswith(HF_URL):
         repo_id, _, url_revision = parse_hf_url(spec)
-        return _freeze(_load_folder(_snapshot(repo_id, url_revision or revision, trust_remote_code), repo_id,
+        return _freeze(_load_folder(_snapshot(repo_id, url_revision or revision, trust_remote_code, access), repo_id,
                                     trust_remote_code))
     repo_id = spec.removeprefix("hf-hub:")
     if spec.startswith("hf-hub:") or REPO_ID.fullmatch(spec):
-        return _freeze(_load_folder(_snapshot(repo_id, revision, trust_remote_code), repo_id, trust_remote_code))
+        return _freeze(_load_folder(_snapshot(repo_id, revision, trust_remote_code, access), repo_id,
+                                    trust_remote_code))
     if _is_architecture(spec):
         raise RRMError(f"'{spec}' is an architecture name: give its weights with checkpoint=... "
                        "(--teacher-checkpoint), or a Hub repo such as timm/<name>")
