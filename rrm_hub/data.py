@@ -124,8 +124,12 @@ def _cached(name: str, build) -> datasets.DatasetDict:
         return datasets.load_from_disk(str(target))
     built = build()
     target.parent.mkdir(parents=True, exist_ok=True)
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a cache being written is no progress to report
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then move: never half a cache
         built.save_to_disk(tmp + "/d")
+        if shown:
+            datasets.enable_progress_bars()
         try:
             os.replace(tmp + "/d", target)
         except OSError:  # another process finished first

@@ -11,13 +11,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .attacks import Attack, Norm, pgd
 from .cards import is_hub_id
 from .checks import MaskingChecks, run_checks, warn_failed_checks
 from .config import DataConfig, EvaluatedModel, RunConfig
 from .errors import RRMError
+from .progress import progress
 from .settings import section, setting
 from .suites import (
     AUTOATTACK_VERSIONS,
@@ -54,7 +54,7 @@ def attack_hits(
         loader = accelerator.prepare_data_loader(loader)
     main = accelerator is None or accelerator.is_local_main_process
     names, rows = None, []
-    bar = tqdm(total=len(loader) * len(attacks), desc=desc, disable=not main or not attacks, leave=False)
+    bar = progress(total=len(loader) * len(attacks), desc=desc, disable=not main or not attacks, leave=False)
     for x, y in loader:
         with torch.inference_mode():
             hits = {"clean": model(x).argmax(dim=1) == y}

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .attacks import pgd
+from .progress import progress
 
 
 def inheritance(student: nn.Module, teacher: nn.Module, loader: DataLoader, eps: float, norm: str = "linf",
@@ -29,7 +29,7 @@ def inheritance(student: nn.Module, teacher: nn.Module, loader: DataLoader, eps:
     student.eval(), teacher.eval()
     counts: dict[str, float] = {}
     total = 0
-    for x, y in tqdm(loader, desc="inheritance", disable=not show, leave=False):
+    for x, y in progress(loader, desc="inheritance", disable=not show, leave=False):
         x_student, x_teacher = attack(student, x, y), attack(teacher, x, y)
         with torch.inference_mode():
             s_clean, t_probs = student(x).argmax(1), teacher(x).softmax(1)

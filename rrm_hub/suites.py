@@ -18,10 +18,10 @@ from typing import Literal, get_args
 import torch
 from accelerate import PartialState
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attacks import NORMS, pgd
 from .errors import RRMError
+from .progress import progress
 
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """Anything called like `Attack`: (model, x, y) -> adversarial x, all in [0, 1] pixels. A suite's AutoAttack run
@@ -130,7 +130,7 @@ class AutoAttackRun:
                 raise RRMError(f"AutoAttack's {self.version} version attacks 9 target classes; the model has "
                                f"{logits.shape[1]}: use --suite rand or --suite pgd")
             x_adv, stages = x.clone(), {}
-            for attack in tqdm(list(runner.attacks_to_run), desc=self.name, leave=False,
+            for attack in progress(list(runner.attacks_to_run), desc=self.name, leave=False,
                                disable=not PartialState().is_local_main_process):
                 runner.attacks_to_run = [attack]  # the version's settings stay; one attack at a time
                 index = robust.nonzero().flatten()

@@ -17,13 +17,13 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoints
 from .config import TrainConfig
 from .errors import RRMError
 from .objectives.base import Objective, as_objective
+from .progress import progress as progress_bar
 
 
 @dataclass
@@ -273,8 +273,8 @@ def train(
 
     history, step, train_seconds = state.history, state.step, state.train_seconds
     saved: list[int] = [step] if config.resume else []
-    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process,
-                    leave=False)
+    progress = progress_bar(total=total_steps, initial=step, desc="train", leave=False,
+                            disable=not accelerator.is_local_main_process)
     stopping = False
     with _StopRequest(root is not None) as stop, progress:  # the bar closes before any message
         guard = _Guard(optimizer, accelerator, stop)
