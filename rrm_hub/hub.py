@@ -36,6 +36,25 @@ def upload_plan(folder: str | Path) -> list[str]:
     return [name for name in SHARED_FILES if (folder / name).exists()]
 
 
+def check_can_push(repo_id: str, token: str | None = None) -> str:
+    """Before a long run that ends with a push: the Hub is reachable and a token is there (whose user is returned);
+    a one-line error otherwise, before any work is done."""
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    try:
+        return HfApi(token=token).whoami()["name"]
+    except OfflineModeIsEnabled:
+        raise RRMError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE=1 is set, so the run could not push when done; "
+                       "unset it, or drop --push-to-hub and push later with recipes/push.py") from None
+    except LocalTokenNotFoundError:
+        raise RRMError(f"--push-to-hub {repo_id}: no Hugging Face token; log in (hf auth login) or set HF_TOKEN, "
+                       "or drop --push-to-hub and push later with recipes/push.py") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise RRMError(f"--push-to-hub {repo_id}: the Hub cannot be reached or refused the token "
+                       f"({type(err).__name__}); check the connection and the token, or push later with "
+                       "recipes/push.py") from None
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,

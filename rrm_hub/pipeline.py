@@ -20,7 +20,7 @@ from .errors import RRMError
 from .evaluate import robustness_report, transfer_check
 from .features import default_layer, feature_width
 from .features import list_layers as layer_shapes
-from .hub import push_folder
+from .hub import check_can_push, push_folder
 from .methods import make_objective
 from .models import model_input
 from .names import resolve_model_name
@@ -70,6 +70,8 @@ def setup(config: DistillConfig) -> Setup:
     config = with_output_dir(config.validate(), "rrm-student")
     accelerator = components.make_accelerator(config.training)
     output_dir = components.output_folder(config.training.output_dir)
+    if config.hub.push and not config.preflight and not config.list_layers:
+        check_can_push(config.hub.model_id)  # before the work, not after it
 
     # data: [0, 1] pixels at the student's own size for natural images; normalization lives inside each model
     name, student_args = config.student.spec()
@@ -224,6 +226,8 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
     config = with_output_dir(config.validate(), f"robust-{config.model.name}")
     accelerator = components.make_accelerator(config.training)
     output_dir = components.output_folder(config.training.output_dir)
+    if config.hub.push:
+        check_can_push(config.hub.model_id)  # before the work, not after it
 
     # data and model: the model takes [0, 1] pixels, normalization inside
     model_args = parse_kwargs(config.model.kwargs)
