@@ -145,7 +145,8 @@ def save(config: Any, folder: str | Path, script: str | None = None) -> Path:
     header = f"# python recipes/{Path(script).name} --config {path}\n" if script else ""
     data = settings.to_dict(config)
     if isinstance(data.get("training"), dict):
-        data["training"]["resume"] = None  # resuming is what one command did to its folder, not a setting to rerun
+        # resuming or starting over is what one command did to its folder, not a setting to rerun
+        data["training"].update(resume=None, overwrite_output_dir=False)
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
 

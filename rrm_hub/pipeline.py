@@ -330,7 +330,8 @@ def run_facts(run: dict, selected, images: ImageData, config, accelerator: Accel
     training = config.training
     images_seen = run["steps"] * training.batch_size * training.grad_accum * accelerator.num_processes
     return {"dataset": images.name, "train_seconds": round(run["train_seconds"], 1), "epochs": run["epochs"],
-            "steps": run["steps"], "selected_epoch": selected, "hardware": hardware(),
+            "steps": run["steps"], "schedule_replanned": run.get("schedule_replanned") or None,
+            "selected_epoch": selected, "hardware": hardware(),
             "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
             "images_per_second": round(images_seen / max(run["train_seconds"], 1e-9), 1)}
 

@@ -207,6 +207,8 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "checkpoints to keep (the latest ones)", ge=1)
     resume: str | None = setting(None, "continue the run from the latest checkpoint in --output-dir, or from "
                                  "CHECKPOINT", nargs="?", const="auto", metavar="CHECKPOINT")
+    overwrite_output_dir: bool = setting(False, "start over in an --output-dir that holds an earlier run's "
+                                         "checkpoints (removed once this run saves its first)")
     compile: bool = setting(False, "torch.compile the student (inductor)")
     channels_last: bool = setting(False, "channels-last memory format (CNN students)")
 

@@ -1,15 +1,15 @@
-"""The one training loop: accelerate, AdamW / SGD, cosine schedule with warm-up, any objective."""
+"""The one training loop, read as timm's `train_one_epoch`: for each epoch, for each batch, one step of the
+objective (accelerate, AdamW / SGD, cosine schedule with warm-up). Beside it: the `Checkpointer` (checkpoints, resume,
+run ownership) and the `NonFiniteGuard` (a non-finite loss and Ctrl-C, read on the host every few steps)."""
 
 from __future__ import annotations
 
 import copy
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -19,37 +19,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from . import checkpoints
+from .checkpoints import Checkpointer, TrainState
 from .config import TrainConfig
 from .errors import RRMError
+from .guard import READ_EVERY, NonFiniteGuard, StopRequest
 from .objectives.base import Objective, as_objective
 from .progress import progress as progress_bar
 
-
-@dataclass
-class TrainState:
-    """Where the loop stands: optimizer steps taken, the epoch and the batches done in it, the epoch's sums of the
-    logged values so far (over `count` steps), the history of finished epochs and the training seconds. Every
-    checkpoint keeps it (`trainer.json`)."""
-
-    step: int = 0
-    epoch: int = 0
-    batches: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    history: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> TrainState:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+__all__ = ["READ_EVERY", "TrainState", "make_optimizer", "train", "train_one_epoch"]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD, fused where torch has the kernels: a fused step can be skipped on the device (`_Guard`)."""
+    """AdamW or SGD, fused where torch has the kernels: a fused step can be skipped on the device (`NonFiniteGuard`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
     if config.optimizer == "adamw":
@@ -60,141 +41,98 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     raise RRMError(f"unknown optimizer '{config.optimizer}'; use adamw or sgd")
 
 
-class _StopRequest:
-    """Ctrl-C during training asks the loop to stop at the next read of its guard (within `READ_EVERY` optimizer
-    steps, or the next checkpoint), after a checkpoint.
+@dataclass
+class Plan:
+    """How long the run is: optimizer steps per epoch (per process), in all, and the epochs they take."""
 
-    A second Ctrl-C stops at once. Only installed in the main thread, and only when the run checkpoints.
-    """
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
 
-    def __init__(self, active: bool):
-        self.requested, self._previous = False, None
-        self.active = active and threading.current_thread() is threading.main_thread()
-
-    def __enter__(self) -> _StopRequest:
-        if self.active:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            signal.signal(signal.SIGINT, self._previous)
+    @classmethod
+    def of(cls, loader: DataLoader, accelerator: Accelerator, config: TrainConfig, replays: int) -> Plan:
+        per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps) * replays
+        total = min(config.epochs * per_epoch, config.max_steps or config.epochs * per_epoch)
+        return cls(per_epoch, total, math.ceil(total / per_epoch))
 
 
-READ_EVERY = 16  # optimizer steps between two reads of the guard (it is also read before every checkpoint)
+def make_scheduler(optimizer, config: TrainConfig, total_steps: int, accelerator: Accelerator):
+    """Cosine with linear warm-up; accelerate steps a prepared scheduler once per process for each optimizer step,
+    hence the factor."""
+    scale = accelerator.num_processes
+    return get_cosine_schedule_with_warmup(optimizer, int(config.warmup * total_steps) * scale, total_steps * scale)
 
 
 @dataclass
-class _Position:
-    """Where the loop stood before one objective call, with the schedule as it was then."""
+class Run:
+    """What the loop works with, prepared: the model (`given`: the caller's module, which gets the weights back), the
+    objective, optimizer, schedule, loader, plan, guard, checkpointer and progress bar."""
 
-    step: int
-    batches: int
-    count: int
-    schedule: dict
-    lrs: list[float]
+    model: nn.Module
+    given: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loader: DataLoader
+    accelerator: Accelerator
+    config: TrainConfig
+    plan: Plan
+    guard: NonFiniteGuard
+    checkpointer: Checkpointer
+    bar: progress_bar
 
+    def step(self, batch: list, state: TrainState) -> None:
+        """One forward/backward of the objective on `batch` (x, y[, origins]) and, at the end of an accumulation
+        window, one optimizer step (skipped on the device once the guard has seen a non-finite loss); the logged
+        values are summed on the device."""
+        accelerator, guard = self.accelerator, self.guard
+        guard.mark(state.step, state.batches, state.count, self.scheduler)
+        self.objective.schedule(state.step / self.plan.total_steps)  # e.g. an epsilon warm-up
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast():
+                loss, logs = self.objective(self.model, *batch)
+            if guard.check(loss):
+                accelerator.backward(loss)
+                if self.config.grad_clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+        for key, value in {"loss": loss.detach(), **logs}.items():  # stays on the device: no sync per step
+            state.sums[key] = state.sums.get(key, 0.0) + guard.masked(value)
+        state.count += 1
+        if accelerator.sync_gradients:
+            state.step += 1
+            self.bar.update(1)
 
-class _Guard:
-    """Finite-loss test and stop request without a host sync per step.
+    def trained(self) -> nn.Module:
+        return _trained(self.model, self.given, self.accelerator)
 
-    Each objective call tests its loss on the device (agreed by all processes with a device-side all-reduce) and
-    folds the result into a flag that, once false, stays false. The flag is the `found_inf` of the fused
-    optimizer (the mechanism `torch.amp.GradScaler` uses), so from the first non-finite loss on every optimizer
-    step is skipped on the device: weights and optimizer moments stay those of the last good step however many
-    steps run before the host looks. The host reads the flag, the stop request and the last loss in one transfer
-    every `READ_EVERY` steps and before any checkpoint, so no checkpoint is written after a non-finite loss
-    unless it is the last good state, rebuilt from the positions kept since the last read (step, batches, logged
-    sums and schedule exactly; the random-number states are those of the read). An optimizer that cannot skip on
-    the device (not fused, or stepped by a gradient scaler) is read after every call, before its step.
-    """
+    def look(self, state: TrainState, elapsed: float) -> bool:
+        """Read the guard: raise on a non-finite loss (after saving the last good state), else say whether to stop."""
+        bad, value, stopping, last = self.guard.read(state.step)
+        if bad is None:
+            self.bar.set_postfix(loss=f"{last:.4f}", epoch=state.epoch + 1)
+            return stopping
+        self.guard.rewind(self.scheduler, bad)
+        last_good = replace(state, step=bad.step, batches=bad.batches, count=bad.count, train_seconds=elapsed)
+        # the objective's own state (e.g. carried perturbations) moved on after the bad step: a resume restarts it
+        path = self.save(last_good, with_objective=False) if _finite_weights(self.model, self.accelerator) else None
+        path = path or self.checkpointer.latest()
+        where = f"; the last good state is in {path} (--resume continues from it)" if path else ""
+        self.trained()  # the caller's module holds the last good weights, as without FSDP
+        raise RRMError(f"the loss became {value} at step {bad.step}{where}; lower --lr or use --mixed-precision no")
 
-    def __init__(self, optimizer, accelerator: Accelerator, stop: _StopRequest):
-        self.accelerator, self.stop, self.optimizer = accelerator, stop, optimizer
-        inner = getattr(optimizer, "optimizer", optimizer)
-        self.per_step = accelerator.scaler is not None or not getattr(inner, "_step_supports_amp_scaling", False)
-        device = accelerator.device
-        self.good = torch.ones((), dtype=torch.bool, device=device)
-        self.skip = torch.zeros((), device=device)
-        self.good_calls = torch.zeros((), device=device)
-        self.bad_value = torch.zeros((), device=device)
-        self.last_loss = torch.zeros((), device=device)
-        if not self.per_step:
-            inner.found_inf = self.skip  # read by the fused kernels: 1 skips the step, moments and count included
-        self.positions: list[_Position] = []
-        self.read_at = 0
+    def save(self, state: TrainState, with_objective: bool = True):
+        return self.checkpointer.save(replace(state, sums={k: float(v) for k, v in state.sums.items()}),
+                                      with_objective)
 
-    def mark(self, step: int, batches: int, count: int, scheduler) -> None:
-        """Remember the position before an objective call (host values only)."""
-        self.positions.append(_Position(step, batches, count, copy.deepcopy(scheduler.state_dict()),
-                                        [g["lr"] for g in self.optimizer.param_groups]))
-
-    def check(self, loss: torch.Tensor) -> bool:
-        """Test `loss` on the device; False (read on the host) only when reading per step and it is not finite."""
-        loss = loss.detach().float()
-        finite = torch.isfinite(loss)
-        bad = (~finite).float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, "sum")  # all-reduce on the device: no host sync
-        self.bad_value = torch.where(self.good, torch.where(finite, torch.nan, loss), self.bad_value)
-        self.good = self.good & (bad == 0)
-        self.good_calls = self.good_calls + self.good
-        self.skip.copy_(~self.good)
-        self.last_loss = torch.where(finite, loss, self.last_loss)
-        return bool(self.good) if self.per_step else True
-
-    def masked(self, value) -> torch.Tensor:
-        """`value` where every call so far had a finite loss, else 0: the logged sums of the good steps."""
-        return torch.where(self.good, torch.as_tensor(value, device=self.good.device), 0.0)
-
-    def due(self, step: int) -> bool:
-        return self.per_step or step - self.read_at >= READ_EVERY
-
-    def read(self, step: int) -> tuple[_Position | None, float, bool, float]:
-        """One host read: the position before the first non-finite call (None if all were finite), that loss,
-        whether any process asked to stop, and the last finite loss."""
-        stop = torch.tensor([float(self.stop.requested)], device=self.good.device)
-        if self.accelerator.num_processes > 1:
-            stop = self.accelerator.reduce(stop, "sum")
-        local = torch.stack([self.good.float(), self.good_calls, self.bad_value, self.last_loss])
-        good, calls, bad_value, last, stopping = torch.cat([local, stop]).tolist()
-        first_bad = None if good else self.positions[int(calls)]
-        self.positions, self.read_at = [], step
-        self.good_calls = torch.zeros_like(self.good_calls)
-        return first_bad, bad_value, stopping > 0, last
-
-    def rewind(self, scheduler, position: _Position) -> None:
-        """Put the schedule back where it was at `position` (the skipped steps still stepped it)."""
-        scheduler.load_state_dict(position.schedule)
-        for group, lr in zip(self.optimizer.param_groups, position.lrs, strict=True):
-            group["lr"] = lr
-
-
-def _step(model, objective: Objective, batch: list, optimizer, scheduler, accelerator: Accelerator, config: TrainConfig,
-          step: int, total_steps: int, guard: _Guard) -> tuple[torch.Tensor, dict]:
-    """One forward/backward of `objective` on `batch` (x, y[, origins]) and, at the end of an accumulation window,
-    one optimizer step (skipped on the device once `guard` has seen a non-finite loss).
-
-    Returns the loss and its parts, both still on the device.
-    """
-    objective.schedule(step / total_steps)  # objectives that change over training (e.g. epsilon warm-up)
-    with accelerator.accumulate(model):
-        with accelerator.autocast():
-            loss, logs = objective(model, *batch)
-        if not guard.check(loss):
-            return loss.detach(), logs
-        accelerator.backward(loss)
-        if config.grad_clip and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-    return loss.detach(), logs
+    def stop(self, state: TrainState) -> KeyboardInterrupt:
+        """Ctrl-C: save where the loop stands, give the caller the weights, say how to go on."""
+        path = self.save(state)
+        self.trained()
+        return KeyboardInterrupt(f"stopped by Ctrl-C at step {state.step}; the checkpoint {path} holds it: run the "
+                                 "same command with --resume")
 
 
 def train(
@@ -206,7 +144,7 @@ def train(
     on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
 ) -> dict:
     """Train `model` in place with `objective` (an `Objective`, or a plain `loss_fn(model, x, y) -> (loss, logs)`);
-    returns the history and the training seconds.
+    returns the history, the training seconds, the steps and epochs, and the schedule's re-plans.
 
     `on_epoch_end(epoch, model)` may evaluate; its time is not counted in `train_seconds`. A run that
     checkpoints (`config.output_dir`) and is resumed sees the same batches, schedule and random numbers as
@@ -218,123 +156,98 @@ def train(
     given, model = model, _trainable(model, accelerator)
     optimizer = make_optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    replays = objective.replays  # free-AT takes several optimizer steps on each minibatch
-    steps_per_epoch = math.ceil(len(loader) / accelerator.gradient_accumulation_steps) * replays  # per process
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    # accelerate steps a prepared scheduler once per process for each optimizer step, hence the factor
-    scale = accelerator.num_processes
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * total_steps) * scale,
-                                                total_steps * scale)
-    scheduler = accelerator.prepare(scheduler)
-
-    root = Path(config.output_dir) / "checkpoints" if config.output_dir else None
-    state = TrainState()
-    if config.resume:
-        if root is None:
-            raise RRMError("--resume needs the run's --output-dir")
-        path = checkpoints.resolve(config.resume, root)
-        state = checkpoints.load(accelerator, path, objective)
-        accelerator.print(f"resuming from {path} (step {state.step}, epoch {state.epoch + 1})")
-
-    def save(position: TrainState, with_objective: bool = True) -> Path | None:
-        """Checkpoint `position` unless its step is saved already; returns the latest checkpoint."""
-        nonlocal state
-        state = replace(position, sums={k: float(v) for k, v in position.sums.items()})
-        if root is None:
-            return None
-        if not (saved and saved[-1] == state.step):
-            checkpoints.save(accelerator, root, state, config.keep_checkpoints, objective if with_objective else None)
-            saved.append(state.step)
-        return checkpoints.checkpoints(root)[-1]
-
-    def look(epoch: int) -> bool:
-        """Read the guard: raise on a non-finite loss (after saving the last good state), else say whether to stop."""
-        bad, value, stopping, last = guard.read(step)
-        if bad is None:
-            progress.set_postfix(loss=f"{last:.4f}", epoch=epoch + 1)
-            return stopping
-        guard.rewind(scheduler, bad)
-        elapsed = train_seconds + time.perf_counter() - started
-        last_good = TrainState(bad.step, epoch, bad.batches, sums, bad.count, history, elapsed)
-        # the objective's own state (e.g. carried perturbations) moved on after the bad step: a resume restarts it
-        path = save(last_good, with_objective=False) if _finite_weights(model, accelerator) else None
-        path = path or (checkpoints.checkpoints(root)[-1] if root and checkpoints.checkpoints(root) else None)
-        where = f"; the last good state is in {path} (--resume continues from it)" if path else ""
-        _trained(model, given, accelerator)  # the caller's module holds the last good weights, as without FSDP
-        raise RRMError(f"the loss became {value} at step {bad.step}{where}; lower --lr or use --mixed-precision no")
-
-    def stopped(position: TrainState) -> KeyboardInterrupt:
-        path = save(position)
-        _trained(model, given, accelerator)
-        return KeyboardInterrupt(_stopped(path, step))
-
-    history, step, train_seconds = state.history, state.step, state.train_seconds
-    saved: list[int] = [step] if config.resume else []
-    progress = progress_bar(total=total_steps, initial=step, desc="train", leave=False,
-                            disable=not accelerator.is_local_main_process)
-    stopping = False
-    with _StopRequest(root is not None) as stop, progress:  # the bar closes before any message
-        guard = _Guard(optimizer, accelerator, stop)
-        guard.read_at = step
-        for epoch in range(state.epoch, epochs):
-            model.train()
-            loader.set_epoch(epoch)  # the shuffle of each epoch depends on the seed and the epoch only
-            if hasattr(loader.dataset, "set_epoch"):  # and so may the augmentation (rrm_hub.data.PixelDataset)
-                loader.dataset.set_epoch(epoch)
-            batches, sums, count = state.batches, dict(state.sums), state.count
-            batches_to_go = accelerator.skip_first_batches(loader, batches) if batches else loader
-            started = time.perf_counter()
-            for batch in batches_to_go:  # (x, y), or (x, y, origins) for an objective that keeps a memory
-                if config.channels_last and batch[0].dim() == 4:
-                    batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
-                for _ in range(replays):
-                    guard.mark(step, batches, count, scheduler)
-                    loss, logs = _step(model, objective, batch, optimizer, scheduler, accelerator, config, step,
-                                       total_steps, guard)
-                    for key, value in {"loss": loss, **logs}.items():  # stays on the device: no sync per step
-                        sums[key] = sums.get(key, 0.0) + guard.masked(value)
-                    count += 1
-                    if accelerator.sync_gradients:
-                        step += 1
-                        progress.update(1)
-                    if guard.per_step:
-                        stopping = look(epoch)
-                    if step >= total_steps:
-                        break
-                batches += 1
-                if step >= total_steps:
-                    break
-                if batches == len(loader) or not accelerator.sync_gradients:
-                    continue  # the epoch end saves
-                due = config.save_every and step - (saved[-1] if saved else 0) >= config.save_every
-                if not guard.per_step and (due or guard.due(step)):
-                    stopping = look(epoch)  # before any checkpoint
-                if not (stopping or due):
-                    continue
-                paused = time.perf_counter()
-                position = TrainState(step, epoch, batches, sums, count, history, train_seconds + paused - started)
-                if stopping:
-                    raise stopped(position)
-                save(position)
-                started += time.perf_counter() - paused  # saving is not training time
-            stopping = look(epoch)  # before the epoch's checkpoint
-            train_seconds += time.perf_counter() - started
-            record = {"epoch": epoch + 1, "step": step, "seconds": round(train_seconds, 2)}
-            record.update({key: round(value, 5) for key, value in _means(sums, count, accelerator).items()})
-            if on_epoch_end is not None:
-                record.update(on_epoch_end(epoch, _trained(model, given, accelerator)))
-            history.append(record)
-            accelerator.print(" ".join(f"{k}={v}" for k, v in record.items()))
-            save(TrainState(step, epoch + 1, 0, {}, 0, history, train_seconds))
-            if step >= total_steps:
+    plan = Plan.of(loader, accelerator, config, objective.replays)
+    scheduler = accelerator.prepare(make_scheduler(optimizer, config, plan.total_steps, accelerator))
+    checkpointer = Checkpointer(config, accelerator, objective)
+    state = checkpointer.start(plan.total_steps)  # fresh, or where --resume left off
+    bar = progress_bar(total=plan.total_steps, initial=state.step, desc="train", leave=False,
+                       disable=not accelerator.is_local_main_process)
+    with StopRequest(checkpointer.enabled) as stop, bar:  # the bar closes before any message
+        guard = NonFiniteGuard(optimizer, accelerator, stop)
+        guard.read_at = state.step
+        run = Run(model, given, objective, optimizer, scheduler, loader, accelerator, config, plan, guard,
+                  checkpointer, bar)
+        for epoch in range(state.epoch, plan.epochs):
+            state = train_one_epoch(run, epoch, state, on_epoch_end)
+            if state.step >= plan.total_steps:
                 break
-            if stopping:
-                raise stopped(state)
-    _trained(model, given, accelerator)
-    return {"history": history, "train_seconds": train_seconds, "steps": step, "epochs": len(history)}
+    run.trained()
+    return {"history": state.history, "train_seconds": state.train_seconds, "steps": state.step,
+            "epochs": len(state.history), "schedule_replanned": state.replanned, "run_id": state.run_id}
+
+
+def train_one_epoch(run: Run, epoch: int, state: TrainState,
+                    on_epoch_end: Callable[[int, nn.Module], dict] | None = None) -> TrainState:
+    """One epoch (or the rest of one, when resumed mid-epoch): every batch's steps, the periodic checkpoints and
+    guard reads, then the epoch's record (the logged means, `on_epoch_end`'s check) and its checkpoint."""
+    run.model.train()
+    run.loader.set_epoch(epoch)  # the shuffle of each epoch depends on the seed and the epoch only
+    if hasattr(run.loader.dataset, "set_epoch"):  # and so may the augmentation (rrm_hub.data.PixelDataset)
+        run.loader.dataset.set_epoch(epoch)
+    state = replace(state, epoch=epoch, sums=dict(state.sums))
+    batches = run.accelerator.skip_first_batches(run.loader, state.batches) if state.batches else run.loader
+    clock, stopping = Stopwatch(state.train_seconds), False
+    for batch in batches:
+        if run.config.channels_last and batch[0].dim() == 4:
+            batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
+        for _ in range(run.objective.replays):  # free-AT takes several optimizer steps on each minibatch
+            run.step(batch, state)
+            stopping = run.look(state, clock.seconds) if run.guard.per_step else stopping
+            if state.step >= run.plan.total_steps:
+                break
+        state.batches += 1
+        if state.step >= run.plan.total_steps or state.batches == len(run.loader):
+            break  # the epoch's end reads the guard and saves
+        stopping = checkpoint_if_due(run, state, clock, stopping)
+    stopping = run.look(state, clock.seconds) or stopping  # before the epoch's checkpoint
+    state.train_seconds = clock.seconds
+    record = {"epoch": epoch + 1, "step": state.step, "seconds": round(state.train_seconds, 2)}
+    record.update({key: round(value, 5) for key, value in _means(state.sums, state.count, run.accelerator).items()})
+    if on_epoch_end is not None:
+        record.update(on_epoch_end(epoch, run.trained()))
+    state.history.append(record)
+    run.accelerator.print(" ".join(f"{k}={v}" for k, v in record.items()))
+    if state.batches >= len(run.loader):  # else stopped by --max-steps mid-epoch: a resume goes on from here
+        state = replace(state, epoch=epoch + 1, batches=0, sums={}, count=0)
+    run.save(state)
+    if stopping:
+        raise run.stop(state)
+    return state
+
+
+def checkpoint_if_due(run: Run, state: TrainState, clock: Stopwatch, stopping: bool) -> bool:
+    """Inside an epoch, after a batch: read the guard every `READ_EVERY` steps and before a checkpoint
+    (`--save-every`); on Ctrl-C save and stop. Returns whether a stop was asked for."""
+    if not run.accelerator.sync_gradients:
+        return stopping  # inside an accumulation window
+    due = bool(run.config.save_every) and state.step - (run.checkpointer.saved_step or 0) >= run.config.save_every
+    if not run.guard.per_step and (due or run.guard.due(state.step)):
+        stopping = run.look(state, clock.seconds)
+    if stopping:
+        raise run.stop(replace(state, train_seconds=clock.seconds))
+    if due:
+        with clock.paused():  # saving is not training time
+            run.save(replace(state, train_seconds=clock.seconds))
+    return stopping
+
+
+class Stopwatch:
+    """Training seconds, from `seconds` on: running, except while `paused`."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.base, self.since = seconds, time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.base + time.perf_counter() - self.since
+
+    @contextmanager
+    def paused(self):
+        seconds = self.seconds
+        try:
+            yield
+        finally:
+            self.base, self.since = seconds, time.perf_counter()
 
 
 def enable_cpu_fsdp(accelerator: Accelerator) -> None:

@@ -1,5 +1,6 @@
 """Checkpoint and resume: a run killed mid-epoch and resumed ends with the weights of one never stopped."""
 
+import json
 import os
 import signal
 import subprocess
@@ -52,3 +53,74 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
         assert (expected[name] == got[name]).all(), name
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["step-00000018", "step-00000020"]  # --keep-checkpoints 2, no partial folder left
+
+
+def _train(out, **settings):
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from rrm_hub import TrainConfig, train
+
+    from .test_train import _model, _problem
+
+    def natural(model, x, y):
+        return F.cross_entropy(model(x), y), {}
+
+    config = TrainConfig(**{"epochs": 2, "output_dir": str(out), "save_every": 2, "keep_checkpoints": 2, **settings})
+    return train(_model(), natural, _problem(), Accelerator(cpu=True), config)
+
+
+def test_a_run_never_touches_another_runs_checkpoints(tmp_path):
+    import pytest
+
+    from rrm_hub import RRMError
+
+    out = tmp_path / "run"
+    _train(out, epochs=3)  # 24 steps: keeps step-22 and step-24
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert before == ["step-00000022", "step-00000024"]
+    with pytest.raises(RRMError, match=r"holds checkpoints of an earlier run \(up to step-00000024\): add --resume to "
+                                       r"continue it, --overwrite-output-dir to start over"):
+        _train(out, epochs=1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # untouched
+    run = _train(out, epochs=1, overwrite_output_dir=True)  # 8 steps: the earlier run's go once this one saves
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
+    state = json.loads((out / "checkpoints" / "step-00000008" / "trainer.json").read_text())
+    assert state["run_id"] == run["run_id"] and state["step"] == 8
+
+
+def test_a_run_stopped_by_max_steps_resumes_to_more_steps(tmp_path):
+    out = tmp_path / "run"
+    first = _train(out, max_steps=3)
+    assert first["steps"] == 3 and first["schedule_replanned"] == []
+    state = json.loads((out / "checkpoints" / "step-00000003" / "trainer.json").read_text())
+    assert (state["epoch"], state["batches"], state["planned_steps"]) == (0, 3, 3)  # mid-epoch, not a finished one
+    more = _train(out, max_steps=5, resume="auto")
+    assert more["steps"] == 5 and more["run_id"] == first["run_id"]
+    assert more["schedule_replanned"] == [{"at_step": 3, "from_steps": 3, "to_steps": 5}]
+    assert [h["epoch"] for h in more["history"]] == [1]  # the epoch stopped at step 3 went on, one record
+    whole = _train(tmp_path / "whole", max_steps=5)  # the same 5 steps in one go
+    assert more["history"][0]["step"] == whole["history"][0]["step"] == 5
+
+
+def test_a_random_state_that_cannot_be_loaded_safely_is_refused(tmp_path, capsys):
+    import pickle
+
+    import pytest
+
+    from rrm_hub import RRMError
+
+    from .test_teachers import _RunsCode
+
+    out = tmp_path / "run"
+    _train(out, max_steps=2)
+    states = out / "checkpoints" / "step-00000002" / "random_states_0.pkl"
+    marker = tmp_path / "ran"
+    states.write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    with pytest.raises(RRMError, match=r"random state .*random_states_0.pkl cannot be loaded safely .*delete that "
+                                       r"file to resume without it"):
+        _train(out, max_steps=4, resume="auto")
+    assert not marker.exists()
+    states.unlink()
+    resumed = _train(out, max_steps=4, resume="auto")
+    assert resumed["steps"] == 4 and "resuming without the random state" in capsys.readouterr().out
