@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate_suite(model, loader, eps, config.norm, config.suite, sweep=config.eps_sweep or (),
                             steps=config.steps, checks=None if config.no_checks else MaskingChecks(),
                             accelerator=accelerator, seed=config.seed)
+    for log in images.unreadable.values():
+        if line := log.line():
+            print(line)
     metrics = {**result, "model": getattr(model, "source", config.model.name), "dataset": images.name,
+               "skipped_images": images.skipped() or None,
                "hardware": hardware(), "num_processes": accelerator.num_processes,
                "command": cli.command("evaluate.py", config)}
 

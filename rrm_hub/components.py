@@ -65,7 +65,8 @@ def load_data(data: DataConfig, seed: int, holdout: int = 0, model_input: ModelI
     images = load_image_data(data.dataset, config=data.dataset_config, image_column=data.image_column,
                              label_column=data.label_column, train_split=data.train_split,
                              test_split=data.test_split, image_size=data.image_size, seed=seed,
-                             augment=data.augment, model_input=model_input, streaming=data.streaming)
+                             augment=data.augment, model_input=model_input, streaming=data.streaming,
+                             max_bad_images=data.max_bad_images)
     return images.hold_out(holdout, seed) if holdout else images
 
 

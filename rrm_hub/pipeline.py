@@ -187,7 +187,7 @@ def distill(config: DistillConfig) -> RunResult:
         "teacher_robust_accuracy": teacher_result["robust_accuracy"] if teacher_result else None,
         "teacher_sweep": teacher_result["sweep"] if teacher_result else None,
         "teacher_evaluation_cached": teacher_result["cached"] if teacher_result else None,
-        "history": run["history"],
+        "history": run["history"], **skipped_images(images, accelerator),
     }
     if accelerator.is_main_process:
         curves = {f"student ({metrics['student']})": result["sweep"]}
@@ -254,7 +254,8 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
                                **components.report_options(evaluation, accelerator))
 
     metrics = {**report, "method": config.method, "model": config.model.name, "model_args": model_args,
-               **run_facts(run, selected, images, config, accelerator), "history": run["history"]}
+               **run_facts(run, selected, images, config, accelerator), "history": run["history"],
+               **skipped_images(images, accelerator)}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_timm_folder(model.model, str(output_dir), model_args, images.class_names)
@@ -334,6 +335,14 @@ def run_facts(run: dict, selected, images: ImageData, config, accelerator: Accel
             "selected_epoch": selected, "hardware": hardware(),
             "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
             "images_per_second": round(images_seen / max(run["train_seconds"], 1e-9), 1)}
+
+
+def skipped_images(images: ImageData, accelerator: Accelerator) -> dict:
+    """metrics.json's record of the unreadable images the run skipped (and one line each split, printed)."""
+    for log in images.unreadable.values():
+        if line := log.line():
+            accelerator.print(line)
+    return {"skipped_images": images.skipped() or None}
 
 
 def card_context(config, images: ImageData, script: str) -> dict:

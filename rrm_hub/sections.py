@@ -50,6 +50,8 @@ class DataConfig:
     streaming: bool = setting(False, "read the training split as a stream (Hub datasets too large to download); "
                               "the test images are the first 1,000 of the test split")
     shuffle_buffer: int = setting(10_000, "images in the shuffle buffer of --streaming", ge=1)
+    max_bad_images: float = setting(0.05, "the share of a split's images that may be unreadable (corrupt files are "
+                                    "skipped and counted) before the run stops", ge=0, le=1)
     num_workers: int | None = setting(None, "data loader worker processes (default: for photos the CPU cores for "
                                       "each process, up to 8; none for small images; 0: load in the main "
                                       "process)", ge=0)

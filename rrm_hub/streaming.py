@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import splits
 from .errors import RRMError
 from .transforms import to_mode
+from .unreadable import UNREADABLE, decode, raw, where
 
 TEST_IMAGES = 1000
 """Test images read from the start of a streamed test split (or split off the start of the training stream)."""
@@ -55,10 +56,11 @@ class PixelStream(IterableDataset):
     reseeds the shuffle and the shifts."""
 
     def __init__(self, rows: datasets.IterableDataset, image_column: str, label_column: str, mode: str, transform,
-                 length: int, seed: int = 0, buffer: int = 10_000, shift=None):
-        self.rows, self.image_column, self.label_column, self.mode = rows, image_column, label_column, mode
+                 length: int, seed: int = 0, buffer: int = 10_000, shift=None, unreadable=None):
+        self.rows, self.image_column, self.label_column, self.mode = raw(rows, image_column), image_column, \
+            label_column, mode
         self.transform, self.length, self.seed, self.buffer, self.epoch = transform, length, seed, buffer, 0
-        self.shift = shift
+        self.shift, self.unreadable = shift, unreadable  # an `UnreadableImages` log: bad images are skipped
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -75,7 +77,14 @@ class PixelStream(IterableDataset):
         for count, row in enumerate(rows):  # in a worker, `datasets` streams that worker's shards only
             if count == share:
                 return
-            pixels = self.transform(to_mode(row[self.image_column], self.mode))
+            try:
+                image = decode(row[self.image_column])
+            except UNREADABLE as err:
+                if self.unreadable is None:
+                    raise
+                self.unreadable.record(count, where(row[self.image_column], f"stream[{count}]"), err)
+                continue
+            pixels = self.transform(to_mode(image, self.mode))
             yield (pixels if self.shift is None else self.shift(pixels, rng)), int(row[self.label_column])
 
 
