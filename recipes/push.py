@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from rrm_hub.config import check_repo_id
 from rrm_hub.errors import one_line_errors
 from rrm_hub.hub import push_folder, upload_plan
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hub-revision", default=None, help="branch to push to (created if needed)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     args = parser.parse_args(argv)
+    check_repo_id(args.hub_model_id)
     files = upload_plan(args.folder)
     print(f"{args.folder} -> {args.hub_model_id}: {', '.join(files)}")
     if not args.dry_run:

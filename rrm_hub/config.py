@@ -200,6 +200,20 @@ RECIPE_RRM = {"match_on": "adversarial", "eps": None, "teacher_input": "auto", "
 over epochs (README: 'Making students robust')."""
 
 
+def check_repo_id(repo_id: str, flag: str = "--hub-model-id") -> None:
+    """Refuse a Hub model id the Hub would refuse (before any work)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise RRMError(f"{flag} '{repo_id}' is not a Hub repo id; write user/name (letters, digits, '-', '_', '.')"
+                       ) from None
+    if repo_id.count("/") != 1:
+        raise RRMError(f"{flag} '{repo_id}' is not a Hub repo id; write user/name") from None
+
+
 # ---- run configs
 BUDGETS = ("eps", "eps_sweep")
 """The settings that are attack budgets (in any section): under L-inf, each is at most 1 ([0, 1] pixels)."""
@@ -244,6 +258,8 @@ class RunConfig:
         hub, evaluation = getattr(self, "hub", None), getattr(self, "eval", None)
         if hub is not None and hub.push and not hub.model_id:
             raise RRMError("--push-to-hub needs --hub-model-id user/name")
+        if hub is not None and hub.model_id:
+            check_repo_id(hub.model_id)
         if evaluation is not None:
             check_steps(evaluation.suite, evaluation.eval_steps)
             if evaluation.keep_best and not (evaluation.holdout and evaluation.epoch_eval_examples != 0):

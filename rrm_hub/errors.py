@@ -60,6 +60,15 @@ def hub_errors(what: str, error: type[RRMError] = RRMError, revision: str | None
                     "the revision and your token (hf auth login)") from None
 
 
+def one_line(err: RRMError) -> str:
+    """The error's line; an `RRMError` raised in a DataLoader worker comes back wrapped in the worker's traceback,
+    whose last line is the original one."""
+    message = str(err)
+    if "\nOriginal Traceback" in message:
+        message = message.strip().splitlines()[-1].partition(": ")[2] or message
+    return message
+
+
 def one_line_errors(main: Callable[..., T]) -> Callable[..., T]:
     """Run a recipe's `main`, turning an `RRMError` (or Ctrl-C) into one line on stderr and exit code 2."""
 
@@ -68,7 +77,7 @@ def one_line_errors(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except RRMError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt as stop:  # training says where it saved its checkpoint (rrm_hub.train)
             print(f"interrupted: {stop.args[0] if stop.args else 'stopped by Ctrl-C; files already written are kept.'}",

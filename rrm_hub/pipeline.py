@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from torch import nn
 
 from . import cli, components, evaluation_cache, provenance
@@ -195,11 +198,12 @@ def distill(config: DistillConfig) -> RunResult:
             curves["teacher"] = teacher_result["sweep"]
         context = {"teacher": prepared.teacher.source, "student": metrics["student"],
                    "match_on": config.rrm.match_on}
-        prepared.output_dir.mkdir(parents=True, exist_ok=True)
-        (prepared.output_dir / "README.md").unlink(missing_ok=True)  # the card is written anew
-        student.save_pretrained(prepared.output_dir, model_card_kwargs={
-            "metrics": metrics, "context": {**card_context(config, images, "rrm.py"), **context}})
-        save_outputs(prepared.output_dir, config, metrics, curves, "rrm.py")
+        with writing_outputs(prepared.output_dir, run):
+            prepared.output_dir.mkdir(parents=True, exist_ok=True)
+            (prepared.output_dir / "README.md").unlink(missing_ok=True)  # the card is written anew
+            student.save_pretrained(prepared.output_dir, model_card_kwargs={
+                "metrics": metrics, "context": {**card_context(config, images, "rrm.py"), **context}})
+            save_outputs(prepared.output_dir, config, metrics, curves, "rrm.py")
     share(config, prepared.output_dir, accelerator)
     return RunResult(metrics, prepared.output_dir, student, accelerator.is_main_process)
 
@@ -257,14 +261,15 @@ def adversarial_train(config: AdversarialTrainConfig) -> RunResult:
                **run_facts(run, selected, images, config, accelerator), "history": run["history"],
                **skipped_images(images, accelerator)}
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_timm_folder(model.model, str(output_dir), model_args, images.class_names)
-        if hashes is not None:
-            provenance.save_hashes(hashes, output_dir, {"dataset": images.name, "split": config.data.train_split,
-                                                        "disjoint_from": config.disjoint_from})
-        render_card("teacher", metrics, card_context(config, images, "adversarial_train.py")).save(
-            output_dir / "README.md")
-        save_outputs(output_dir, config, metrics, {config.model.name: report["sweep"]}, "adversarial_train.py")
+        with writing_outputs(output_dir, run):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_timm_folder(model.model, str(output_dir), model_args, images.class_names)
+            if hashes is not None:
+                provenance.save_hashes(hashes, output_dir, {"dataset": images.name, "split": config.data.train_split,
+                                                            "disjoint_from": config.disjoint_from})
+            render_card("teacher", metrics, card_context(config, images, "adversarial_train.py")).save(
+                output_dir / "README.md")
+            save_outputs(output_dir, config, metrics, {config.model.name: report["sweep"]}, "adversarial_train.py")
     robust = ", ".join(f"{k} {v:.1%}" for k, v in report["robust_accuracy"].items())
     accelerator.print(f"{config.model.name} ({config.method}): clean {report['clean_accuracy']:.1%}, {robust} at "
                       f"{config.eval.norm} eps {config.eval.eps:g}; trained {run['train_seconds']:.0f}s -> "
@@ -351,6 +356,20 @@ def card_context(config, images: ImageData, script: str) -> dict:
     return {"model_name": name, "repo_id": config.hub.model_id or f"<user>/{name}", "dataset": images.name,
             "repo_url": f"https://huggingface.co/{config.hub.model_id}" if config.hub.model_id else None,
             "config": config, "command": cli.command(script, config)}
+
+
+@contextmanager
+def writing_outputs(folder: Path, run: dict):
+    """Writing a run's outputs: a full disk or an unwritable folder is one line that names the checkpoint kept."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        full = " (the disk is full)" if getattr(err, "errno", None) == errno.ENOSPC else ""
+        kept = run.get("checkpoint")
+        then = (f"; the checkpoint {kept} is kept: make room and run the same command with --resume to evaluate and "
+                "save again" if kept else "; make room and run again")
+        raise RRMError(f"could not write the outputs to '{folder}'{full}: {getattr(err, 'strerror', None) or err}"
+                       f"{then}") from None
 
 
 def save_outputs(folder: Path, config, metrics: dict, curves: dict, script: str) -> None:

@@ -173,7 +173,8 @@ def train(
                 break
     run.trained()
     return {"history": state.history, "train_seconds": state.train_seconds, "steps": state.step,
-            "epochs": len(state.history), "schedule_replanned": state.replanned, "run_id": state.run_id}
+            "epochs": len(state.history), "schedule_replanned": state.replanned, "run_id": state.run_id,
+            "checkpoint": str(checkpointer.latest()) if checkpointer.latest() else None}
 
 
 def train_one_epoch(run: Run, epoch: int, state: TrainState,
