@@ -194,9 +194,18 @@ class Checkpointer:
                 raise RRMError(f"'{self.root.parent}' holds checkpoints of an earlier run (up to {found[-1].name}): "
                                "add --resume to continue it, --overwrite-output-dir to start over (they are removed "
                                "once this run saves its first), or choose another --output-dir")
-            state = TrainState(run_id=uuid.uuid4().hex[:12], planned_steps=total_steps)
+            state = TrainState(run_id=self._new_run_id(), planned_steps=total_steps)
         self.run_id = state.run_id
         return state
+
+    def _new_run_id(self) -> str:
+        """A new run's id, the main process's on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        run_id = [uuid.uuid4().hex[:12]]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(run_id, from_process=0)
+        return run_id[0]
 
     def _resume(self, total_steps: int) -> TrainState:
         if self.root is None:

@@ -174,3 +174,19 @@ def test_the_loop_reads_the_loss_on_the_host_only_every_few_steps():
     assert run["steps"] == 64 and run["history"][0]["loss"] > 0
     # steps 16, 32 and 48, then at the epoch end the guard, the means and the two sums (7); a read per step: 64+
     assert 0 < _HostReads.reads <= 64 // READ_EVERY + 3, _HostReads.reads
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from rrm_hub import RRMStudent
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RRMStudent, "save_pretrained", full)
+    out = tmp_path / "out"
+    code, stderr = call_recipe("rrm.py", [*TINY[1:], "--max-steps", "2", "--output-dir", str(out)])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in stderr and len(errors) == 1, stderr[-2000:]
+    assert re.search(r"could not write the outputs to .* \(the disk is full\): No space left on device; the checkpoint "
+                     r".*step-00000002 is kept: make room and run the same command with --resume", errors[0])
+    assert (out / "checkpoints" / "step-00000002" / "model.safetensors").exists()

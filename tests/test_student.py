@@ -65,3 +65,30 @@ def test_incomplete_or_foreign_folders_are_refused(tmp_path):
 def test_unknown_architecture_is_a_one_line_error():
     with pytest.raises(RRMError, match="timm has no model 'vit_nonexistent'"):
         RRMStudent.for_teacher("vit_nonexistent", feature_dim=8, num_classes=2)
+
+
+@pytest.mark.parametrize("case", ["no such folder", "uncached Hub id", "broken config.json", "truncated head",
+                                  "foreign folder"])
+def test_a_student_that_cannot_be_loaded_is_one_line_and_an_oserror(tmp_path, case):
+    from rrm_hub.errors import RRMLoadError
+
+    folder = tmp_path / "s"
+    _student().save_pretrained(folder)
+    source, message = str(folder), None
+    if case == "no such folder":
+        source, message = str(tmp_path / "no" / "such"), "no such folder, and not a Hub id"
+    elif case == "uncached Hub id":
+        source, message = "someone/never-downloaded", "not in the local Hugging Face cache"
+    elif case == "broken config.json":
+        (folder / "config.json").write_text("{oops")
+        message = r"config.json is not valid JSON \(line 1\); download it again"
+    elif case == "truncated head":
+        (folder / "rrm_head.safetensors").write_bytes((folder / "rrm_head.safetensors").read_bytes()[:100])
+        message = "a weight file is damaged"
+    else:
+        (folder / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
+        message = "is not an rrm-hub student"
+    with pytest.raises(RRMLoadError, match=message) as raised:
+        RRMStudent.from_pretrained(source, local_files_only=case == "uncached Hub id")
+    assert isinstance(raised.value, OSError) and isinstance(raised.value, RRMError)  # as transformers raises
+    assert "\n" not in str(raised.value)
