@@ -30,7 +30,7 @@ from .converters import (
     weights_in,
 )
 from .encoders import OPEN_CLIP_CONFIG, PICKLED_WEIGHTS, clip_teacher, is_clip_config, open_clip_teacher
-from .errors import RRMError, hub_errors
+from .errors import RRMError, RRMLoadError, hub_errors
 from .models import PixelModel, preprocess_for
 from .student import CONFIG_FILE, RRMStudent
 
@@ -98,11 +98,11 @@ def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool, acces
     """The config, weights and card of a Hub model repo (its code too with `trust_remote_code`); a repo without
     safetensors gets its `pytorch_model.bin` (or open_clip's), which is then read weights-only."""
     patterns = ["*.json", "*.safetensors", "*.md"] + (["*.py"] if trust_remote_code else [])
-    with hub_errors(f"teacher '{repo_id}'", revision=revision):
+    with hub_errors(f"teacher '{repo_id}'", RRMLoadError, revision):
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **(access or {})))
     if not any(folder.glob("*.safetensors")):
         name = PICKLED_WEIGHTS if (folder / OPEN_CLIP_CONFIG).exists() else "pytorch_model.bin"
-        with hub_errors(f"'{name}' of '{repo_id}'"):
+        with hub_errors(f"'{name}' of '{repo_id}'", RRMLoadError, revision):
             try:
                 hf_hub_download(repo_id, name, revision=revision, **(access or {}))  # into the same snapshot
             except (EntryNotFoundError, LocalEntryNotFoundError):
@@ -121,7 +121,7 @@ def parse_hf_url(url: str) -> tuple[str, str, str | None]:
 
 def _download(repo_id: str, filename: str, revision: str | None, access: dict | None = None) -> Path:
     """One file of a Hub model repo, through the Hugging Face cache."""
-    with hub_errors(f"'{filename}' of '{repo_id}'"):
+    with hub_errors(f"'{filename}' of '{repo_id}'", RRMLoadError, revision):
         return Path(hf_hub_download(repo_id, filename, revision=revision, **(access or {})))
 
 
@@ -134,7 +134,7 @@ def _load_file(spec: str, revision: str | None, arch: str | None, model_args: di
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise RRMError(f"checkpoint '{spec}' not found: give an existing file or hf://org/repo/path/in/repo")
+            raise RRMLoadError(f"checkpoint '{spec}' not found: give an existing file or hf://org/repo/path/in/repo")
     return checkpoint_teacher(path, spec, arch, model_args, num_classes)
 
 
@@ -207,5 +207,5 @@ def load_teacher(
     if _is_architecture(spec):
         raise RRMError(f"'{spec}' is an architecture name: give its weights with checkpoint=... "
                        "(--teacher-checkpoint), or a Hub repo such as timm/<name>")
-    raise RRMError(f"teacher '{spec}' not found: give an existing folder or file, a Hub id like org/name, "
+    raise RRMLoadError(f"teacher '{spec}' not found: give an existing folder or file, a Hub id like org/name, "
                    "hf://org/repo/file.ckpt, or leave --teacher out for the bundled default")
