@@ -21,16 +21,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rrm_hub import cli, components
-from rrm_hub.benchmark import BenchmarkConfig, markdown_table, report, run_benchmark, summarize
-from rrm_hub.cards import plot_curves, save_json
+from rrm_hub import cli
 from rrm_hub.errors import one_line_errors
+from rrm_hub.hub.cards import plot_curves, save_json
+from rrm_hub.runs import builders
+from rrm_hub.runs.benchmark import BenchmarkConfig, markdown_table, report, run_benchmark, summarize
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(BenchmarkConfig, argv, description=__doc__).resolved()
-    accelerator = components.make_accelerator(config.training)
+    accelerator = builders.make_accelerator(config.training)
     output_dir = Path(config.training.output_dir or "benchmark")
 
     results, images = run_benchmark(config, accelerator)  # each method trains a fresh student, then is measured

@@ -15,25 +15,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rrm_hub import TrainConfig, cli, components, make_loader
-from rrm_hub.cards import PLOT_FILE, hardware, plot_sweeps, save_json
-from rrm_hub.checks import MaskingChecks
-from rrm_hub.config import check_l2_budgets
+from rrm_hub import TrainConfig, cli, make_loader
+from rrm_hub.config.runs import check_l2_budgets
+from rrm_hub.config.tools import EvaluateConfig
 from rrm_hub.errors import RRMError, one_line_errors
-from rrm_hub.evaluate import EvaluateConfig, evaluate_suite
-from rrm_hub.hub import push_results, results_card
-from rrm_hub.suites import WORST_CASE
+from rrm_hub.evaluation.checks import MaskingChecks
+from rrm_hub.evaluation.evaluate import evaluate_suite
+from rrm_hub.evaluation.suites import WORST_CASE
+from rrm_hub.hub.cards import PLOT_FILE, hardware, plot_sweeps, save_json
+from rrm_hub.hub.push import push_results, results_card
+from rrm_hub.runs import builders
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(EvaluateConfig, argv, description=__doc__)
-    accelerator = components.make_accelerator(TrainConfig(seed=config.seed))  # seeds PGD's random starts
+    accelerator = builders.make_accelerator(TrainConfig(seed=config.seed))  # seeds PGD's random starts
     eps = config.resolved_eps
 
     # 1. the model (any robust classifier taking [0, 1] pixels) and the test images
     model = config.model.load(accelerator.device)
-    images = components.load_data(config.data, config.seed)
+    images = builders.load_data(config.data, config.seed)
     check_l2_budgets(config, images.channels, images.image_size)
     if model.num_classes != images.num_classes:
         raise RRMError(f"the model predicts {model.num_classes} classes but the dataset has {images.num_classes}; "

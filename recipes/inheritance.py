@@ -10,46 +10,22 @@ the two agree, and the teacher's mean confidence (how much its soft labels say b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
-from rrm_hub import TrainConfig, cli, components, make_loader
-from rrm_hub.attacks import Norm
-from rrm_hub.cards import save_json
-from rrm_hub.config import DataConfig, EvaluatedModel, RunConfig, TeacherConfig
+from rrm_hub import TrainConfig, cli, make_loader
+from rrm_hub.config.tools import InheritanceConfig
 from rrm_hub.errors import RRMError, one_line_errors
-from rrm_hub.inheritance import inheritance
-from rrm_hub.settings import section, setting
-
-
-@dataclass
-class Teacher(TeacherConfig):
-    FLAGS: ClassVar[dict[str, str]] = {**TeacherConfig.FLAGS, "trust_remote_code": "--teacher-trust-remote-code"}
-
-
-@dataclass
-class InheritanceConfig(RunConfig):
-    """`recipes/inheritance.py`: a student and its teacher, each attacked and judged on the other's attacks."""
-
-    model: EvaluatedModel = section(lambda: EvaluatedModel(name="rrm-student"))
-    teacher: Teacher = section(Teacher)
-    norm: Norm = setting("linf", "threat model")
-    eps: float = setting(0.3, "attack budget in [0, 1] pixels", gt=0)
-    steps: int = setting(20, "PGD iterations", ge=1)
-    n_examples: int = setting(500, "first N test images", ge=1)
-    batch_size: int = setting(250, "images a batch", ge=1)
-    seed: int = setting(0, "seed of PGD's random starts")
-    output_dir: str = setting("inheritance", "output folder")
-    data: DataConfig = section(DataConfig)
+from rrm_hub.evaluation.inheritance import inheritance
+from rrm_hub.hub.cards import save_json
+from rrm_hub.runs import builders
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(InheritanceConfig, argv, description=__doc__)
-    accelerator = components.make_accelerator(TrainConfig(seed=config.seed))
+    accelerator = builders.make_accelerator(TrainConfig(seed=config.seed))
     student, teacher = config.model.load(accelerator.device), config.teacher.load(accelerator.device)
-    images = components.load_data(config.data, config.seed)
+    images = builders.load_data(config.data, config.seed)
     if not student.num_classes == teacher.num_classes == images.num_classes:
         raise RRMError(f"student ({student.num_classes} classes), teacher ({teacher.num_classes}) and dataset "
                        f"({images.num_classes}) must agree; give the pair's own dataset")

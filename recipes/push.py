@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from rrm_hub.config import check_repo_id
+from rrm_hub.config.runs import check_repo_id
 from rrm_hub.errors import one_line_errors
-from rrm_hub.hub import push_folder, upload_plan
+from rrm_hub.hub.push import push_folder, upload_plan
 
 
 @one_line_errors

@@ -27,58 +27,22 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import yaml
 
 from rrm_hub import cli
-from rrm_hub import study as report
-from rrm_hub.attacks import Norm
-from rrm_hub.cards import save_json
-from rrm_hub.config import AdversarialTrainConfig, DistillConfig, RunConfig, StudentConfig
+from rrm_hub.config.runs import AdversarialTrainConfig, DistillConfig, StudentConfig
+from rrm_hub.config.tools import StudyConfig
 from rrm_hub.errors import RRMError, one_line_errors
+from rrm_hub.hub.cards import save_json
 from rrm_hub.methods import step_cost
-from rrm_hub.settings import setting
+from rrm_hub.runs import study as report
 
 RECIPES = Path(__file__).resolve().parent
 VARIANTS = RECIPES / "configs" / "study"
 DONE = "study_command.txt"
 """Beside a finished run's metrics.json: the command that made it (a resumed study skips the run when it matches)."""
-
-
-@dataclass
-class StudyConfig(RunConfig):
-    variants: list[str] = setting(help="names from --list", nargs="*",
-                                  factory=lambda: ["vit/clean", "vit/noise", "cnn/clean", "cnn/noise"])
-    list_variants: bool = setting(False, "print the variants and their flags, then stop", flag="--list")
-    extra: str = setting("", "flags added to every run, e.g. '--epochs 60 --batch-size 256'")
-    jobs: int = setting(1, "runs at a time", ge=1)
-    eps: float = setting(0.3, "attack budget of every run", ge=0)
-    norm: Norm = setting("linf", "threat model of every run")
-    teacher: str | None = setting(None, "teacher of the RRM / distillation runs (default: the recipe's; "
-                                  "default-l2 for --norm l2)")
-    seeds: list[int] = setting(help="each variant runs once per seed (at its best learning rate)", nargs="+",
-                               factory=lambda: [0])
-    lrs: list[float] | None = setting(None, "learning rates: every variant runs at each (with the first seed) and "
-                                      "is reported at its best (default: each variant's own)", nargs="+", gt=0)
-    twin: str = setting("atta_at", "the teacherless baseline each variant is compared with (STUDENT/TWIN)")
-    budget: float = setting(0.0, "compute of every run, in natural-step epochs: each trains budget / (its step cost "
-                            "in natural steps, rrm_hub.methods.step_cost) epochs (0: the variants' own epochs)", ge=0)
-    teacher_ratio: float | None = setting(None, "a teacher forward's cost relative to a student forward, in the step "
-                                          "costs (default: measured once per student on this machine)", gt=0)
-    eps_sweep: list[float] = setting(help="epsilons reported in the table (PGD-20)", nargs="+", ge=0,
-                                     factory=lambda: [0.1, 0.2, 0.3])
-    final_suite: Literal["none", "standard", "plus", "rand"] = setting(
-        "none", "after screening: attack the runs of each variant's best learning rate with this AutoAttack version "
-        "(recipes/evaluate.py)")
-    final_examples: int = setting(1000, "test images of --final-suite", ge=1)
-    output_dir: str = setting("study", "output folder")
-
-    def check_rules(self) -> None:
-        if self.twin not in _names("baselines"):
-            raise RRMError(f"--twin {self.twin} is not a baseline; choose one of {', '.join(_names('baselines'))}")
 
 
 def _names(folder: str) -> list[str]:
@@ -127,13 +91,17 @@ def measured_teacher_ratio(flags: list[str], config: StudyConfig) -> float:
     (with the study's teacher and --extra), on a training batch."""
     import torch
 
-    from rrm_hub.methods import forward_ratio
-    from rrm_hub.pipeline import setup
+    from rrm_hub.methods.registry import forward_ratio
+    from rrm_hub.runs import builders
 
-    run = setup(cli.parse(DistillConfig, [*flags, *teacher_flags("rrm.py", config), *shlex.split(config.extra)]))
-    sample = torch.rand(run.config.training.batch_size, run.images.channels, *run.images.image_size,
-                        device=run.accelerator.device)
-    return forward_ratio(run.teacher, run.student.to(run.accelerator.device), sample)
+    run = cli.parse(DistillConfig, [*flags, *teacher_flags("rrm.py", config), *shlex.split(config.extra)])
+    run, runtime = builders.start(run, "rrm-student", "rrm.py", push=False)
+    spec = builders.student_spec(run, runtime)
+    images = builders.images_for(run, runtime, spec)
+    teacher = builders.teacher_for(run, images, runtime)
+    student = builders.student_for(run, teacher, images, runtime, spec).to(runtime.accelerator.device)
+    sample = torch.rand(run.training.batch_size, images.channels, *images.image_size, device=runtime.accelerator.device)
+    return forward_ratio(teacher.model, student, sample)
 
 
 def teacher_ratios(names: list[str], known: dict, config: StudyConfig) -> dict[str, float]:
@@ -249,6 +217,8 @@ def run_final(row: dict, config: StudyConfig) -> dict:
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(StudyConfig, argv, description=__doc__)
+    if config.twin not in _names("baselines"):
+        raise RRMError(f"--twin {config.twin} is not a baseline; choose one of {', '.join(_names('baselines'))}")
     known = variants()
     if config.list_variants:
         for name, (recipe, flags) in known.items():

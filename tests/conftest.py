@@ -43,7 +43,7 @@ def teacher():
 def undefended(mnist):
     """A small CNN trained naturally for two epochs: accurate, and not robust."""
     from rrm_hub import make_loader
-    from rrm_hub.objectives import Natural
+    from rrm_hub.methods import Natural
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 5, 2), nn.ReLU(), nn.Conv2d(16, 32, 5, 2), nn.ReLU(), nn.Flatten(),

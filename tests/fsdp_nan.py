@@ -11,8 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rrm_hub import RRMError, TrainConfig, train
+from rrm_hub.training import enable_cpu_fsdp
 
 accelerator = Accelerator()
+enable_cpu_fsdp(accelerator)  # accelerate turns FSDP on for GPU backends only; rrm-hub's own accelerators do this
 torch.manual_seed(0)
 x = torch.rand(512, 1, 4, 4)
 y = (x.mean(dim=(1, 2, 3)) > 0.5).long()

@@ -4,7 +4,7 @@ batch's perturbation; afterwards every process holds both."""
 import torch
 from accelerate import Accelerator
 
-from rrm_hub.memory import PerturbationMemory
+from rrm_hub.methods.memory import PerturbationMemory
 
 accelerator = Accelerator()
 rank = accelerator.process_index  # as the recipes start the processes

@@ -7,8 +7,8 @@ import timm
 import torch
 
 from rrm_hub import RRM, RRMError, RRMStudent
-from rrm_hub.align import Match, common_grid, parse_match, teacher_pairs, to_grid, view, view_shape
-from rrm_hub.objectives import feature_loss
+from rrm_hub.methods import feature_loss
+from rrm_hub.models.align import Match, common_grid, parse_match, teacher_pairs, to_grid, view, view_shape
 
 from .conftest import run_here
 
@@ -166,7 +166,7 @@ def test_vit_student_matched_at_two_pairs_trains_saves_and_reloads(tmp_path):
 
 
 def test_without_match_the_single_pair_stays_as_before_unless_spatial():
-    from rrm_hub.config import LayersConfig
+    from rrm_hub.config.runs import LayersConfig
 
     layers, student_layer = LayersConfig(teacher_layer="layer2", mode="pooled"), "blocks.1"
     assert layers.matches(student_layer) is None  # the run builds exactly what it built before --match existed

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from rrm_hub import create_pixel_model
-from rrm_hub.models import save_timm_folder
-from rrm_hub.teachers import DEFAULT_TEACHER
+from rrm_hub.models.pixel import save_timm_folder
+from rrm_hub.teachers.load import DEFAULT_TEACHER
 
 from .conftest import call_recipe
 from .test_teachers import _RunsCode

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rrm_hub import RRMStudent
-from rrm_hub.benchmark import step_memory, time_to_target
-from rrm_hub.methods import make_objective
+from rrm_hub.methods.registry import make_objective
+from rrm_hub.runs.benchmark import step_memory, time_to_target
 
 from .test_hub import _recipe
 

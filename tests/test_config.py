@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from rrm_hub import DistillConfig, RRMError, cli, distill
-from rrm_hub.benchmark import BenchmarkConfig
-from rrm_hub.config import AdversarialTrainConfig
-from rrm_hub.evaluate import EvaluateConfig
-from rrm_hub.reference import recipe_configs, reference
+from rrm_hub.config.runs import AdversarialTrainConfig
+from rrm_hub.config.tools import EvaluateConfig
+from rrm_hub.runs.benchmark import BenchmarkConfig
+from rrm_hub.runs.reference import recipe_configs, reference
 
 from .conftest import ROOT, call_recipe, load_recipe, run_here
 
@@ -171,5 +171,5 @@ def test_l2_runs_end_to_end(tmp_path):
 
 
 def test_cli_reference_is_current():
-    stale = "docs/cli.md is stale: python -m rrm_hub.reference > docs/cli.md"
+    stale = "docs/cli.md is stale: python -m rrm_hub.runs.reference > docs/cli.md"
     assert (ROOT / "docs" / "cli.md").read_text() == reference(), stale

@@ -1,4 +1,4 @@
-"""Attack suites, worst-case aggregation and gradient-masking checks (rrm_hub.evaluate, recipes/evaluate.py)."""
+"""Attack suites, worst-case aggregation and gradient-masking checks (rrm_hub.evaluation, recipes/evaluate.py)."""
 
 import json
 import sys
@@ -9,9 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rrm_hub import RRMStudent, evaluate, make_loader, pgd
-from rrm_hub.checks import GradientMaskingWarning, MaskingChecks, check_monotone, check_more_steps
-from rrm_hub.evaluate import attack_hits, evaluate_suite
-from rrm_hub.suites import WORST_CASE, AutoAttackPart, AutoAttackRun, worst_case
+from rrm_hub.evaluation.checks import GradientMaskingWarning, MaskingChecks, check_monotone, check_more_steps
+from rrm_hub.evaluation.evaluate import attack_hits, evaluate_suite
+from rrm_hub.evaluation.suites import WORST_CASE, AutoAttackPart, AutoAttackRun, worst_case
 
 from .conftest import ROOT, run_here, run_recipe
 
@@ -175,7 +175,7 @@ def test_an_honest_model_passes_the_checks(undefended, mnist):
 
 def test_the_versions_run_autoattacks_attacks_in_its_order():
     from rrm_hub import RRMError
-    from rrm_hub.suites import attack_suite
+    from rrm_hub.evaluation.suites import attack_suite
 
     assert AutoAttackRun("standard", 0.3).attacks() == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert AutoAttackRun("plus", 0.3).attacks() == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
@@ -317,7 +317,7 @@ def test_autoattack_edges_are_handled(undefended):
     import logging
 
     from rrm_hub import RRMError
-    from rrm_hub.suites import autoattack_warnings
+    from rrm_hub.evaluation.suites import autoattack_warnings
 
     empty = torch.zeros(0, 1, 28, 28)
     assert AutoAttackPart("apgd-ce", 0.1)(undefended, empty, torch.zeros(0, dtype=torch.long)).shape == empty.shape

@@ -5,8 +5,10 @@ import json
 
 import torch
 
-from rrm_hub import evaluation_cache, make_loader, teachers
-from rrm_hub.evaluate import robustness_report
+from rrm_hub import make_loader
+from rrm_hub.evaluation import cache as evaluation_cache
+from rrm_hub.evaluation.evaluate import robustness_report
+from rrm_hub.teachers import load as teachers
 
 
 def test_a_teachers_report_is_reused_only_when_weights_images_and_attacks_match(teacher, mnist, tmp_path,

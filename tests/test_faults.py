@@ -113,7 +113,7 @@ def test_a_nan_between_reads_leaves_only_the_last_good_state(tmp_path, monkeypat
     """The loss is read every READ_EVERY steps (and before each checkpoint), not at each step: steps after the NaN
     run with their updates skipped, and the checkpoint written is exactly the one of the step before the NaN.
     An optimizer that cannot skip a step on the device is read at each step instead."""
-    loop = importlib.import_module("rrm_hub.train")  # the module, which the package's `train` function hides
+    loop = importlib.import_module("rrm_hub.training.loop")  # the module, which the package's `train` function hides
     if not fused:
         monkeypatch.setattr(loop, "make_optimizer", lambda model, config: torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False))
@@ -163,7 +163,7 @@ class _HostReads(torch.Tensor):
 
 
 def test_the_loop_reads_the_loss_on_the_host_only_every_few_steps():
-    from rrm_hub.train import READ_EVERY
+    from rrm_hub.training.loop import READ_EVERY
 
     def counted(model, x, y):
         loss = F.cross_entropy(model(x), y)

@@ -3,7 +3,7 @@ import timm
 import torch
 
 from rrm_hub import FeatureTap, RRMError, default_layer, list_layers
-from rrm_hub.features import feature_width, pool
+from rrm_hub.models.features import feature_width, pool
 
 
 def _cnn():

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from rrm_hub import DEFAULT_TEACHER, RRMError, RRMStudent
-from rrm_hub.hub import push_folder, upload_plan
+from rrm_hub.hub.push import push_folder, upload_plan
 
 from .conftest import load_recipe, put_in_hub_cache, run_here
 
@@ -90,7 +90,7 @@ def test_bundled_teacher_is_a_hub_repo_with_a_card():
 
 def test_a_card_names_the_autoattack_package_and_its_checks(trained_folder):
     from rrm_hub import DistillConfig
-    from rrm_hub.cards import render_card
+    from rrm_hub.hub.cards import render_card
 
     metrics = json.loads((trained_folder / "metrics.json").read_text())
     metrics.update(suite="standard", attack_package="pyautoattack 0.2.0", attack_steps=None,

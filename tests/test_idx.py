@@ -5,8 +5,9 @@ import gzip
 import numpy as np
 import pytest
 
-from rrm_hub import RRMError, load_image_data, make_loader, provenance
-from rrm_hub import idx as idx_files
+from rrm_hub import RRMError, load_image_data, make_loader
+from rrm_hub.data import idx as idx_files
+from rrm_hub.data import provenance
 
 
 def write_idx(path, array, gz=False):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from rrm_hub import make_loader
-from rrm_hub.inheritance import inheritance
+from rrm_hub.evaluation.inheritance import inheritance
 
 from .conftest import run_here
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from rrm_hub import RRM, RRMError, RRMStudent, make_loader
-from rrm_hub.memory import CARRIED_STEP, PerturbationMemory
-from rrm_hub.transforms import RandomShift, translate
+from rrm_hub.data.transforms import RandomShift, translate
+from rrm_hub.methods.memory import CARRIED_STEP, PerturbationMemory
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from rrm_hub import RRMError, RRMStudent, load_image_data, make_loader
-from rrm_hub.components import perturbation_memory
-from rrm_hub.config import RRMConfig
-from rrm_hub.converters import resolve_architecture
-from rrm_hub.memory import PerturbationMemory
-from rrm_hub.models import model_input
-from rrm_hub.names import resolve, resolve_model_name
-from rrm_hub.sections import EvalConfig
+from rrm_hub.config.runs import RRMConfig
+from rrm_hub.config.sections import EvalConfig
+from rrm_hub.methods.memory import PerturbationMemory
+from rrm_hub.models.names import resolve, resolve_model_name
+from rrm_hub.models.pixel import model_input
+from rrm_hub.runs.builders import perturbation_memory
+from rrm_hub.teachers.converters import resolve_architecture
 
 from .conftest import ROOT, put_in_hub_cache, run_here, run_recipe
 
@@ -228,7 +228,7 @@ def test_streaming_from_parquet_files_continues_the_stream(parquet_digits):
     loader.dataset.set_epoch(3)
     full = [batch for batch in loader]
     assert sum(len(y) for _, y in full) == 64 and 0 <= full[0][0].min() and full[0][0].max() <= 1
-    resumed = list(Accelerator(cpu=True).skip_first_batches(loader, 3))  # what a resumed run does (rrm_hub.train)
+    resumed = list(Accelerator(cpu=True).skip_first_batches(loader, 3))  # what a resumed run does
     assert len(resumed) == 5 and all(torch.equal(a[0], b[0]) for a, b in zip(full[3:], resumed, strict=True))
     loader.dataset.set_epoch(4)
     assert not torch.equal(next(iter(loader))[1], full[0][1])  # another epoch, another order

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from rrm_hub import RRM, AdversarialTraining, RRMError, RRMStudent, fgsm, nfgsm, pgd
-from rrm_hub.objectives import feature_loss
-from rrm_hub.transforms import translate
+from rrm_hub.data.transforms import translate
+from rrm_hub.methods import feature_loss
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_vit_student_learns_a_cnn_teacher_layer(teacher, mnist, teacher_layer, s
     from accelerate import Accelerator
 
     from rrm_hub import TrainConfig, make_loader, train
-    from rrm_hub.features import feature_width
+    from rrm_hub.models.features import feature_width
 
     width = feature_width(teacher, teacher.network, teacher_layer, torch.zeros(2, 1, 28, 28))
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def test_ce_driven_matching_raises_the_students_loss_and_spares_the_teachers_cle
 def test_matching_on_mixes_and_shifted_views(teacher, student):
     """mixup / cutmix: each mix is mostly its own image, the rest another's; shift: the image moved; the teacher
     sees the same mixed images as the student."""
-    from rrm_hub.objectives.inputs import MixedInputs, ShiftedInputs
+    from rrm_hub.methods.inputs import MixedInputs, ShiftedInputs
 
     torch.manual_seed(0)
     x = torch.stack([torch.full((1, 28, 28), float(v)) for v in (0.0, 1.0, 0.0, 1.0, 0.0, 1.0)])

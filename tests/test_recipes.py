@@ -159,7 +159,7 @@ def test_study_runs_each_variant_and_tabulates(tmp_path):
 
 
 def test_the_study_compares_each_variant_at_its_best_rate_with_its_teacherless_twin(tmp_path):
-    from rrm_hub import study as report
+    from rrm_hub.runs import study as report
 
     module = load_recipe("study.py")
     rows = [{"variant": "vit/rslad", "lr": 1e-3, "robust": 0.30, "clean": 0.9},

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from rrm_hub import RRMError, RRMStudent, fgsm, pgd
-from rrm_hub.memory import PerturbationMemory
-from rrm_hub.methods import make_objective
-from rrm_hub.objectives import ARD, RSLAD, AdaAD, kl_divergence
-from rrm_hub.objectives.inputs import AttackedInputs
-from rrm_hub.teacher_cache import TeacherCache
+from rrm_hub.methods import ARD, RSLAD, AdaAD, kl_divergence
+from rrm_hub.methods.inputs import AttackedInputs
+from rrm_hub.methods.memory import PerturbationMemory
+from rrm_hub.methods.registry import make_objective
+from rrm_hub.teachers.cache import TeacherCache
 
 from .conftest import load_recipe
 
@@ -112,7 +112,7 @@ def test_each_attack_raises_the_loss_it_is_meant_to(teacher, student):
 
 def test_the_cache_serves_ard_and_rslad_and_the_teacher_does_not_run(teacher, student, mnist):
     from rrm_hub import make_loader
-    from rrm_hub.features import default_layer
+    from rrm_hub.models.features import default_layer
 
     layer = default_layer(teacher.network)
     loader = make_loader(mnist, "train", 16, limit=16)
@@ -151,7 +151,7 @@ def test_the_carried_attack_goes_on_where_it_ended(teacher, student):
 
 
 def test_methods_by_name_and_their_rules(teacher):
-    from rrm_hub.config import DistillConfig
+    from rrm_hub.config.runs import DistillConfig
 
     for name, kind in (("ard", ARD), ("rslad", RSLAD), ("adaad", AdaAD)):
         objective = make_objective(name, eps=0.3, norm="linf", teacher=teacher,
@@ -193,8 +193,8 @@ def test_the_benchmark_and_the_recipe_run_them_by_name(tmp_path):
 
 
 def test_step_costs_and_the_study_budget(tmp_path):
-    from rrm_hub.config import RECIPE_RRM, RRMOptions
-    from rrm_hub.methods import step_cost
+    from rrm_hub.config.runs import RECIPE_RRM, RRMOptions
+    from rrm_hub.methods.registry import step_cost
 
     recipe = RRMOptions(**RECIPE_RRM)
     costs = {m: step_cost(m, rrm=recipe) for m in ("natural", "pgd_at", "atta_at", "kd", "rrm", "ard", "rslad",
@@ -218,7 +218,7 @@ def test_the_l2_teacher_loads_offline_by_name():
     import json
 
     from rrm_hub import load_teacher
-    from rrm_hub.teachers import L2_TEACHER
+    from rrm_hub.teachers.load import L2_TEACHER
 
     teacher = load_teacher("default-l2")
     assert teacher.num_classes == 10 and "L2" in teacher.source

@@ -33,12 +33,24 @@ def test_each_config_is_accepted_by_accelerate_launch(name):
         assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
 
 
-def test_the_teacher_is_never_prepared():
-    """Frozen teachers stay plain modules under DDP / FSDP / DeepSpeed: only the student is prepared."""
-    paths = ("recipes/rrm.py", "rrm_hub/pipeline.py", "rrm_hub/train.py")
-    source = "".join((ROOT / path).read_text() for path in paths)
-    prepares = [line.strip() for line in source.splitlines() if "accelerator.prepare(" in line]
-    assert prepares and not any("teacher" in line for line in prepares)
+def test_the_teacher_is_never_prepared(monkeypatch, tmp_path):
+    """Frozen teachers stay plain modules under DDP / FSDP / DeepSpeed: a run prepares only what it trains."""
+    from accelerate import Accelerator
+    from torch import nn
+
+    from rrm_hub import DistillConfig, cli, distill
+
+    prepared, original = [], Accelerator.prepare
+
+    def recording(self, *objects, **kwargs):
+        prepared.extend(obj for obj in objects if isinstance(obj, nn.Module))
+        return original(self, *objects, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "prepare", recording)
+    config = cli.parse(DistillConfig, ["--max-steps", "1", "--batch-size", "16", "--eval-examples", "16",
+                                       "--eval-steps", "1", "--no-checks", "--output-dir", str(tmp_path / "out")])
+    distill(config)
+    assert prepared and all(any(p.requires_grad for p in module.parameters()) for module in prepared)
 
 
 CPU_DDP = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
@@ -107,9 +119,10 @@ def test_compile_asks_accelerate_for_inductor():
     compiling even a tiny CNN on CPU took 75 s (measured), too slow for the suite."""
     from accelerate.state import AcceleratorState
 
-    from rrm_hub import TrainConfig, components
+    from rrm_hub import TrainConfig
+    from rrm_hub.runs import builders
 
     for compile_, backend in ((True, "INDUCTOR"), (False, "NO")):
         AcceleratorState._reset_state()  # one Accelerator per process in a real run; this test makes two
-        assert components.make_accelerator(TrainConfig(compile=compile_)).state.dynamo_plugin.backend.name == backend
+        assert builders.make_accelerator(TrainConfig(compile=compile_)).state.dynamo_plugin.backend.name == backend
     AcceleratorState._reset_state()

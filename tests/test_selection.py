@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from rrm_hub import RRMError, make_loader
-from rrm_hub.selection import FILENAME, BestEpoch, late_fall
+from rrm_hub.training.selection import FILENAME, BestEpoch, late_fall
 
 
 def test_hold_out_moves_seeded_training_images_out_of_training(mnist):

@@ -330,7 +330,7 @@ def test_clip_teacher_layers_are_listed_and_have_no_logits(clip_repos, tmp_path,
 def _robustbench():
     if importlib.util.find_spec("robustbench") is None:  # importing it needs rrm-hub's shims
         pytest.skip("robustbench is optional (pip install --no-deps robustbench==1.1.1 ...)")
-    from rrm_hub.robustbench_zoo import import_robustbench, model_dir
+    from rrm_hub.teachers.robustbench import import_robustbench, model_dir
 
     return import_robustbench(), model_dir()
 

@@ -42,7 +42,7 @@ def test_a_diverging_loss_stops_with_one_line():
 
 
 def test_free_adversarial_training_replays_each_minibatch():
-    from rrm_hub.objectives import FreeAdversarialTraining
+    from rrm_hub.methods import FreeAdversarialTraining
 
     objective = FreeAdversarialTraining(eps=0.1, replays=3)
     run = train(_model(), objective, _problem(), Accelerator(cpu=True), TrainConfig(epochs=1, lr=0.05))
