@@ -37,6 +37,7 @@ from rrm_hub.config.tools import StudyConfig
 from rrm_hub.errors import RRMError, one_line_errors
 from rrm_hub.hub.cards import save_json
 from rrm_hub.methods import step_cost
+from rrm_hub.methods.method import FORWARD
 from rrm_hub.runs import study as report
 
 RECIPES = Path(__file__).resolve().parent
@@ -86,6 +87,14 @@ def step_cost_of(recipe: str, flags: list[str], teacher_ratio: float = 1.0) -> f
     return step_cost(run.method, attack_steps=run.attack_steps)
 
 
+def cache_cost(recipe: str, flags: list[str], teacher_ratio: float = 1.0) -> float:
+    """What a teacher cache (--cache-teacher) costs to build, in natural-step epochs: one teacher forward over the
+    training images."""
+    if recipe != "rrm.py" or not cli.parse(DistillConfig, flags).rrm.cache_teacher:
+        return 0.0
+    return teacher_ratio * FORWARD
+
+
 def measured_teacher_ratio(flags: list[str], config: StudyConfig) -> float:
     """A teacher forward's seconds over a student forward's, for the student and data of an RRM variant's `flags`
     (with the study's teacher and --extra), on a training batch."""
@@ -123,8 +132,10 @@ def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path, se
     """The recipe run of one variant: its flags, its epochs under --budget, the study's threat model, teacher,
     seed, learning rate and evaluation flags, --extra."""
     sweep = [f"{e:g}" for e in config.eps_sweep]
-    cost = step_cost_of(recipe, flags, teacher_ratio)
-    epochs = ["--epochs", str(max(1, round(config.budget / cost)))] if config.budget else []
+    given = [*flags, *shlex.split(config.extra)]
+    spent = config.budget - cache_cost(recipe, given, teacher_ratio)  # a teacher cache's pass is paid up front
+    cost = step_cost_of(recipe, given, teacher_ratio)
+    epochs = ["--epochs", str(max(1, round(spent / cost)))] if config.budget else []
     rate = ["--lr", repr(lr)] if lr is not None else []
     return [sys.executable, str(RECIPES / recipe), *flags, *epochs, *rate, *teacher_flags(recipe, config),
             "--norm", config.norm, "--eps", str(config.eps), "--seed", str(seed), "--eps-sweep", *sweep,
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = output_dir / (name.replace("/", "__") + (f"-lr{lr:g}" if lr is not None else "") + f"-seed{seed}")
         ratio = ratios.get(name.split("/")[0], 1.0) if recipe == "rrm.py" else 1.0
         cmd = command(recipe, flags, config, folder, seed, lr, ratio)
-        return run_one(name, cmd, folder, seed, lr, step_cost_of(recipe, flags, ratio))
+        return run_one(name, cmd, folder, seed, lr, step_cost_of(recipe, [*flags, *shlex.split(config.extra)], ratio))
 
     with ThreadPoolExecutor(config.jobs) as pool:
         first, rest = config.seeds[0], config.seeds[1:]

@@ -222,3 +222,17 @@ def test_the_study_tunes_each_variant_counts_the_teacher_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in out.rglob("*.log")} == logs
     assert json.loads((out / "study.json").read_text())["summary"] == study["summary"]
+
+
+def test_a_teacher_cache_is_paid_for_up_front_in_the_study_budget(tmp_path):
+    module = load_recipe("study.py")
+    config = module.StudyConfig(budget=40)
+    known = module.variants()
+    live = module.command(*known["vit/default"], config, tmp_path, teacher_ratio=1.2)
+    cached = module.command(*known["vit/default-cached"], config, tmp_path, teacher_ratio=1.2)
+    twin = module.command(*known["vit/atta_at"], config, tmp_path)
+    def epochs_of(cmd):  # the last --epochs wins
+        return int(cmd[len(cmd) - 1 - cmd[::-1].index("--epochs") + 1])
+
+    epochs = {name: epochs_of(cmd) for name, cmd in (("live", live), ("cached", cached), ("twin", twin))}
+    assert epochs == {"live": round(40 / 2.4), "cached": round((40 - 0.4) / 2.0), "twin": 20}
