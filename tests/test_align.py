@@ -139,6 +139,7 @@ def test_adversarial_matching_maximises_the_total_mismatch(teacher):
     objective.remove()
 
 
+@pytest.mark.slow
 def test_vit_student_matched_at_two_pairs_trains_saves_and_reloads(tmp_path):
     out = tmp_path / "two"
     args = ["recipes/rrm.py", "--student-kwargs", *[f"{k}={v}" for k, v in VIT.items()],

@@ -30,6 +30,7 @@ def test_rrm_step_keeps_the_memory_of_a_natural_step(teacher):
     assert pgd_at["saved_activation_bytes"] > 1.5 * natural["saved_activation_bytes"]  # the attack graphs count
 
 
+@pytest.mark.slow
 def test_benchmark_recipe_writes_stable_keys(tmp_path):
     report = _recipe("benchmark").main([
         "--methods", "natural", "pgd_at", "atta_at", "free_at", "rrm", "rrm_cached", "--epochs", "1", "--max-steps",
@@ -55,6 +56,7 @@ def test_benchmark_recipe_writes_stable_keys(tmp_path):
     assert "| rrm |" in (tmp_path / "benchmark.md").read_text() and (tmp_path / "benchmark.png").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_rrm_with_a_cached_teacher_counts_the_cache(tmp_path):
     report = _recipe("benchmark").main([
         "--methods", "natural", "rrm", "--cache-teacher", "--pad", "0", "--epochs", "1", "--max-steps", "2",

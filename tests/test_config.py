@@ -8,8 +8,6 @@ import yaml
 
 from rrm_hub import DistillConfig, RRMError, cli, distill
 from rrm_hub.config.runs import AdversarialTrainConfig
-from rrm_hub.config.tools import EvaluateConfig
-from rrm_hub.runs.benchmark import BenchmarkConfig
 from rrm_hub.runs.reference import recipe_configs, reference
 
 from .conftest import ROOT, call_recipe, load_recipe, run_here
@@ -58,15 +56,6 @@ def test_every_earlier_flag_is_generated(script):
     parser = cli.build_parser(recipe_configs()[script]())
     flags = {option for action in parser._actions for option in action.option_strings}
     assert set(FLAGS[script].split()) <= flags and "--config" in flags
-
-
-def test_defaults_are_the_recipes_own():
-    config = DistillConfig()
-    assert (config.training.epochs, config.training.lr, config.data.pad) == (40, 1e-3, 0)
-    assert (config.rrm.match_on, config.rrm.attack_loss, config.rrm.match_start) == ("adversarial", "ce", "previous")
-    assert config.rrm.resolved_ce_weight == 1.0 and config.rrm.resolved_teacher_input == "clean"
-    assert (AdversarialTrainConfig().training.epochs, AdversarialTrainConfig().data.pad) == (10, 2)
-    assert BenchmarkConfig().training.lr == 3e-3 and EvaluateConfig().resolved_eps == 0.3
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -132,6 +121,7 @@ def test_study_variants_become_the_recipes_flags():
         cli.parse(cls, flags)
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_config_and_reruns_it(tmp_path):
     """The issue's check: `--config OUT/run_config.yaml` writes the same configuration (output folder aside)."""
     first, second = tmp_path / "out", tmp_path / "out2"
@@ -149,6 +139,7 @@ def test_a_run_writes_its_config_and_reruns_it(tmp_path):
     assert f"python recipes/rrm.py --max-steps 5 --output-dir {first}" in card
 
 
+@pytest.mark.slow
 def test_distill_is_a_library_call(tmp_path):
     config = cli.parse(DistillConfig, ["--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)",
                                        "channels=(8,8,8,8)", "--max-steps", "2", *QUICK,
@@ -158,6 +149,7 @@ def test_distill_is_a_library_call(tmp_path):
     assert (result.output_dir / "run_config.yaml").exists() and result.model is not None
 
 
+@pytest.mark.slow
 def test_l2_runs_end_to_end(tmp_path):
     """The paper's other threat model: --norm l2 --eps 2.0 through the default recipe."""
     out = tmp_path / "l2"

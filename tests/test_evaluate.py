@@ -32,6 +32,7 @@ def loader(mnist):
     return make_loader(mnist, "test", 200, limit=200)
 
 
+@pytest.mark.slow
 def test_an_undefended_model_falls_to_zero_under_pgd_and_apgd(undefended, loader):
     attacks = {"pgd": pgd(0.3), "apgd-ce": AutoAttackPart("apgd-ce", 0.3, budget=20),
                "apgd-t": AutoAttackPart("apgd-t", 0.3, budget=10), "apgd-l2": AutoAttackPart("apgd-ce", 3.0, "l2", 20)}
@@ -51,6 +52,7 @@ def textbook_pgd(model, x, y, eps, steps):
     return (x + delta).clamp(0, 1)
 
 
+@pytest.mark.slow
 def test_our_pgd_agrees_with_textbook_pgd_and_autoattack_is_stronger(undefended, loader):
     eps, steps = 0.1, 20
     ours = evaluate(undefended, loader, {"pgd": pgd(eps, steps=steps)})["robust_accuracy"]["pgd"]
@@ -145,6 +147,7 @@ if accelerator.is_main_process:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_count_each_example_once(tmp_path):
     script = tmp_path / "worst_case.py"
     script.write_text(MULTI_PROCESS.replace("ROOT", repr(str(ROOT)), 1))
@@ -159,6 +162,7 @@ def test_two_processes_count_each_example_once(tmp_path):
 QUICK_CHECKS = MaskingChecks(few_steps=10, many_steps=25, probe_queries=200)
 
 
+@pytest.mark.slow
 def test_an_honest_model_passes_the_checks(undefended, mnist):
     loader = make_loader(mnist, "test", 64, limit=64)
     result = evaluate_suite(undefended, loader, 0.05, "linf", "standard", checks=QUICK_CHECKS)
@@ -185,6 +189,7 @@ def test_the_versions_run_autoattacks_attacks_in_its_order():
         attack_suite("standard", 0.3, steps=10)
 
 
+@pytest.mark.slow
 def test_the_standard_suite_is_autoattacks_own_run(undefended, mnist):
     """One batch through the suite gives exactly what pyautoattack's run_standard_evaluation gives on it."""
     from pyautoattack import AutoAttack
@@ -199,6 +204,7 @@ def test_the_standard_suite_is_autoattacks_own_run(undefended, mnist):
     assert ((stages["square"] - x).abs().amax(dim=(1, 2, 3)) <= 0.05 + 1e-5).all()
 
 
+@pytest.mark.slow
 def test_a_gradient_masked_model_looks_robust_to_pgd_but_is_caught(undefended, loader, capsys):
     masked = Quantized(undefended)
     with pytest.warns(GradientMaskingWarning) as warned:
@@ -231,6 +237,7 @@ def small_model(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_recipe_writes_metrics_and_plot(tmp_path, small_model):
     out = tmp_path / "eval"
     args = ["recipes/evaluate.py", "--model", str(small_model), "--n-examples", "64", "--suite", "standard",
@@ -291,6 +298,7 @@ def test_recipe_bad_input_is_one_line():
         ["error: --eps must be > 0 and --eps-sweep values >= 0"]
 
 
+@pytest.mark.slow
 def test_recipe_evaluates_a_bare_weight_file(tmp_path):
     """`--model ARCH --checkpoint FILE` (and `--arch` for a file spec) load the same weights as timm does."""
     import timm

@@ -72,6 +72,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_
         assert code == 2 and "Permission denied" in stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     args = [a if a != "20" else "400" for a in TINY]

@@ -54,6 +54,7 @@ def runs(tmp_path_factory, mnist):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["first", "resumed"])
 def test_the_student_is_sharded_over_the_two_processes(runs, run):
     records = [json.loads((runs["tmp"] / f"probe-{run}-{rank}.json").read_text()) for rank in (0, 1)]
@@ -74,6 +75,7 @@ def _layout(path):
         return {k: (tuple(file.get_slice(k).get_shape()), file.get_slice(k).get_dtype()) for k in file.keys()}
 
 
+@pytest.mark.slow  # its fixture trains
 def test_the_sharded_run_writes_what_one_process_writes(runs):
     two, one = runs["tmp"] / "two", runs["tmp"] / "one"
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
@@ -93,6 +95,7 @@ def test_the_sharded_run_writes_what_one_process_writes(runs):
         assert torch.allclose(student(x), plain(student.preprocess(x)), atol=1e-4)
 
 
+@pytest.mark.slow  # its fixture trains
 def test_resume_continues_from_a_sharded_checkpoint(runs):
     out, first = runs["tmp"] / "resumed", runs["tmp"] / "two"
     assert f"resuming from {first.parent / 'resumed' / 'checkpoints' / 'step-00000005'} (step 5, epoch 2)" in \
@@ -110,6 +113,7 @@ def test_resume_continues_from_a_sharded_checkpoint(runs):
     RRMStudent.from_pretrained(out)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_process_stops_both_and_keeps_the_last_good_shards(runs, tmp_path):
     """The finite-loss flag is agreed on the device by all processes, and read every READ_EVERY (16) steps."""
     out = tmp_path / "nan"

@@ -31,6 +31,7 @@ def trained_folder(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_loads_three_ways_from_the_hub_cache_with_the_same_logits(trained_folder, mnist):
     put_in_hub_cache(trained_folder, "user/robust-vit", os.environ["HF_HOME"])
     images = [mnist.test[i]["image"] for i in range(6)]
@@ -53,6 +54,7 @@ def test_loads_three_ways_from_the_hub_cache_with_the_same_logits(trained_folder
     assert hf_model.config.id2label[3] == "3"
 
 
+@pytest.mark.slow  # its fixture trains
 def test_card_metadata_holds_the_measured_numbers(trained_folder):
     metrics = json.loads((trained_folder / "metrics.json").read_text())
     card = ModelCard.load(trained_folder / "README.md")
@@ -69,6 +71,7 @@ def test_card_metadata_holds_the_measured_numbers(trained_folder):
     assert "recipes/rrm.py" in text and "--max-steps 4" in text  # the command that reproduces it
 
 
+@pytest.mark.slow  # its fixture trains
 def test_push_hands_over_the_folder_and_fails_cleanly_offline(trained_folder):
     assert upload_plan(trained_folder) == ["config.json", "model.safetensors", "rrm_head.safetensors",
                                            "README.md", "metrics.json", "robustness.png"]
@@ -88,6 +91,7 @@ def test_bundled_teacher_is_a_hub_repo_with_a_card():
     assert "num_classes" not in config.get("model_args", {})
 
 
+@pytest.mark.slow  # its fixture trains
 def test_a_card_names_the_autoattack_package_and_its_checks(trained_folder):
     from rrm_hub import DistillConfig
     from rrm_hub.hub.cards import render_card

@@ -75,6 +75,7 @@ def test_names_as_timm_users_type_them():
         resolve("vit_small_patch16_224.bogus")
 
 
+@pytest.mark.slow
 def test_photos_of_mixed_sizes_and_modes_are_cropped_as_timm_does(photos):
     student = model_input("vit_small_patch16_224")
     assert student.size == (224, 224) and student.crop_pct == 0.9
@@ -154,6 +155,7 @@ def teacher_at_224(tmp_path_factory):
     return "someone/robust-test-resnet-224"
 
 
+@pytest.mark.slow
 def test_the_users_command_at_224_px(photos, teacher_at_224, tmp_path):
     out = tmp_path / "student"
     result = run_recipe(["recipes/rrm.py", "--teacher", teacher_at_224, "--student", "vit_small", "--dataset",
@@ -173,6 +175,7 @@ def test_the_users_command_at_224_px(photos, teacher_at_224, tmp_path):
     assert student(torch.rand(1, 3, 300, 200)).shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_the_papers_cifar10_config_runs_on_a_cifar_shaped_set(tmp_path):
     import datasets
     import yaml
@@ -217,6 +220,7 @@ def parquet_digits(tmp_path_factory, mnist):
     return folder
 
 
+@pytest.mark.slow
 def test_streaming_from_parquet_files_continues_the_stream(parquet_digits):
     from accelerate import Accelerator
 
@@ -240,6 +244,7 @@ def test_streaming_from_parquet_files_continues_the_stream(parquet_digits):
         load_image_data(str(parquet_digits), streaming=True, train_split="train[:50%]")
 
 
+@pytest.mark.slow
 def test_rrm_recipe_streams_a_dataset(parquet_digits, tmp_path):
     result = run_here(["recipes/rrm.py", "--dataset", str(parquet_digits), "--streaming", "--max-steps", "2",
                          "--batch-size", "8", "--output-dir", str(tmp_path / "out")])

@@ -95,6 +95,7 @@ def test_distillation_term_is_added(teacher, student):
     assert torch.allclose(with_kd, base + 0.5 * kd, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher_layer,student_layer", [("layer2", "blocks.0"), (None, None)])
 def test_vit_student_learns_a_cnn_teacher_layer(teacher, mnist, teacher_layer, student_layer):
     """A ViT matched to the CNN teacher at an intermediate layer, or at the penultimate one: the mismatch falls."""

@@ -58,6 +58,7 @@ def hub_teacher(package_weights, tmp_path_factory):
     return REPO
 
 
+@pytest.mark.slow
 def test_imagenet_weights_through_the_teacher_loader_match_the_package_model(hub_teacher, package_weights):
     package_model = model_package.EfficientNet.from_name("efficientnet-lite0")
     package_model.load_state_dict(package_weights)
@@ -82,6 +83,7 @@ def test_imagenet_weights_through_the_teacher_loader_match_the_package_model(hub
     assert int((ours.argmax(1) == labels).sum()) >= 16  # real ImageNet weights on real photos
 
 
+@pytest.mark.slow
 def test_the_users_command_runs_on_real_photos_with_the_real_teacher(hub_teacher, tmp_path):
     photos = imagenet_photos()
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})

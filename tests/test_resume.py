@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 from .conftest import ROOT, run_recipe
@@ -31,6 +32,7 @@ def wait_for_checkpoint(process, folder, timeout=120):
     raise AssertionError(f"no checkpoint appeared in {folder}: {process.communicate()[1][-2000:]}")
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     whole = run_recipe([*TINY, "--output-dir", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -174,6 +174,7 @@ def test_methods_by_name_and_their_rules(teacher):
     assert config.rrm.carries("rslad") and not config.rrm.carries("kd")
 
 
+@pytest.mark.slow
 def test_the_benchmark_and_the_recipe_run_them_by_name(tmp_path):
     from .test_hub import _recipe
 

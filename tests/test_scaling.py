@@ -61,6 +61,7 @@ SHORT = ["recipes/rrm.py", "--max-steps", "4", "--match-on", "clean", "--epoch-e
          "--eval-examples", "16", "--sweep-examples", "16", "--eval-steps", "1", "--no-checks"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # real 2-process gloo DDP on CPUs
     two = run_recipe([*SHORT, "--batch-size", "16", "--output-dir", str(tmp_path / "two")], launcher=CPU_DDP)
@@ -78,6 +79,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, monkeyp
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
+@pytest.mark.slow
 def test_each_process_keeps_the_perturbations_of_every_process(monkeypatch):
     """--match-start previous under DDP: an image's next batch may fall to another process."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")

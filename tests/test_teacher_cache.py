@@ -129,6 +129,7 @@ TINY = ["--max-steps", "3", "--epoch-eval-examples", "0", "--eval-examples", "16
         "--no-checks", "--student-kwargs", "img_size=28", "patch_size=7", "depth=2", "embed_dim=48", "num_heads=2"]
 
 
+@pytest.mark.slow
 def test_rrm_recipe_builds_the_cache_once_then_reuses_it(tmp_path):
     shutil.rmtree(cache_dir() / "teacher-features", ignore_errors=True)
     args = ["recipes/rrm.py", "--cache-teacher", "--pad", "0", "--match-on", "clean", *TINY]

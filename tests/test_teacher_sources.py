@@ -108,6 +108,7 @@ def test_madrylab_file_in_its_real_layout(madrylab):
     assert not any("attacker" in k or "normalizer" in k for k in teacher.network.state_dict())
 
 
+@pytest.mark.slow
 def test_madrylab_file_that_runs_code_is_refused_and_the_recipe_converts_a_trusted_one(madrylab, tmp_path):
     model, repo = madrylab
     marker = tmp_path / "pwned"
@@ -305,6 +306,7 @@ RRM_ARGS = ["--max-steps", "2", "--batch-size", "8", "--epoch-eval-examples", "0
             "img_size=28", "patch_size=7", "depth=2", "embed_dim=24", "num_heads=2"]
 
 
+@pytest.mark.slow
 def test_rrm_with_an_open_clip_teacher_needs_no_label_flag(open_clip_repo, tmp_path):
     metrics = _recipe_main(["--teacher", "someone/tiny-fare2-clip", "--match",
                             "visual.transformer.resblocks.1:blocks.1", "--match", "visual:penultimate",

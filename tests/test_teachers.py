@@ -241,6 +241,7 @@ def robust_checkpoints(tmp_path_factory):
             str(local): (cifar, *cifar_stats)}
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_robustness_checkpoints_load_into_torchvision(robust_checkpoints):
     for spec, (model, mean, std) in robust_checkpoints.items():
@@ -258,6 +259,7 @@ def test_robustness_checkpoints_load_into_torchvision(robust_checkpoints):
     assert imagenet.label_names[0].startswith("tench")
 
 
+@pytest.mark.slow
 def test_robustness_architecture_and_revision_can_be_named(robust_checkpoints):
     spec = next(iter(robust_checkpoints))
     pixels = torch.rand(1, 3, 64, 64)
@@ -334,6 +336,7 @@ VIT_CONFIG = {"architectures": ["ViTForImageClassification"], "model_type": "vit
     (lambda t, c: c, {"arch": "keras:resnet18"}, "prefix must be one of timm, torchvision"),
     (lambda t, c: "someone/tiny-timm-weights", {"arch": "resnet18"}, "only apply to a weight file"),
 ])
+@pytest.mark.slow
 def test_teacher_errors_are_one_line(tmp_path, robust_checkpoints, make, kwargs, message):
     with pytest.raises(RRMError, match=message) as info:
         load_teacher(make(tmp_path, list(robust_checkpoints)[1]), **kwargs)
@@ -350,6 +353,7 @@ def test_weights_of_an_unnamed_architecture_are_refused(tmp_path, tiny_timm):
 
 # end to end: the RRM recipe with a teacher from each new source, by its Hub id
 
+@pytest.mark.slow
 def test_rrm_recipe_with_a_transformers_teacher(transformers_repos, tmp_path):
     repo_id = transformers_repos["vit"][0]
     metrics = _run_rrm(repo_id, tmp_path / "out")
@@ -358,6 +362,7 @@ def test_rrm_recipe_with_a_transformers_teacher(transformers_repos, tmp_path):
     assert RRMStudent.from_pretrained(str(tmp_path / "out")).config["rrm"]["teacher"] == repo_id
 
 
+@pytest.mark.slow
 def test_rrm_recipe_with_a_robustness_checkpoint(robust_checkpoints, tmp_path):
     spec = next(iter(robust_checkpoints))
     metrics = _run_rrm(spec, tmp_path / "out")
