@@ -126,3 +126,23 @@ def test_a_random_state_that_cannot_be_loaded_safely_is_refused(tmp_path, capsys
     states.unlink()
     resumed = _train(out, max_steps=4, resume="auto")
     assert resumed["steps"] == 4 and "resuming without the random state" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_recipe_resumed_to_more_steps_trains_them_and_records_the_replan(tmp_path):
+    from .conftest import run_here
+
+    out = tmp_path / "run"
+    first = run_here([*TINY[:TINY.index("--max-steps")], *TINY[TINY.index("--max-steps") + 2:], "--max-steps", "3",
+                      "--output-dir", str(out)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = run_here([*TINY[:TINY.index("--max-steps")], *TINY[TINY.index("--max-steps") + 2:], "--max-steps", "5",
+                     "--resume", "--output-dir", str(out)])
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "the learning-rate schedule is re-planned for 5 steps (it was planned for 3)" in more.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 5 and metrics["schedule_replanned"] == [{"at_step": 3, "from_steps": 3, "to_steps": 5}]
+    again = run_here([*TINY[:TINY.index("--max-steps")], *TINY[TINY.index("--max-steps") + 2:], "--max-steps", "5",
+                      "--output-dir", str(out)])  # a new run into the folder: refused, the checkpoints kept
+    assert again.returncode == 2 and "holds checkpoints of an earlier run" in again.stderr
+    assert (out / "checkpoints" / "step-00000005").exists()
