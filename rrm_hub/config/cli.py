@@ -187,7 +187,12 @@ def _flag_value(value: Any) -> str:
 
 
 def command(script: str, config: Any) -> str:
-    """The command that reproduces a run of `recipes/<script>` with `config`, for model cards."""
+    """The command that reproduces a run of `recipes/<script>` with `config`, for model cards (without --resume or
+    --overwrite-output-dir: what one command did to its folder, as `save` leaves them out)."""
+    training = getattr(config, "training", None)
+    if training is not None:
+        config = dataclasses.replace(config, training=dataclasses.replace(training, resume=None,
+                                                                          overwrite_output_dir=False))
     return shlex.join(["python", f"recipes/{Path(script).name}", *to_flags(config)])
 
 

@@ -8,12 +8,14 @@ epsilon is measured in the same pixel space for every model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import datasets
 
 from ..errors import RRMError
-from . import splits
+from . import idx, splits
 from .sources import EMBEDDED_MNIST, load_splits
 from .streaming import open_stream
 from .transforms import SMALL_IMAGES, Augment, resolve_augment
@@ -53,6 +55,7 @@ class ImageData:
     crop_pct: float = 1.0  # of "crop": resize to image_size / crop_pct, then center crop
     interpolation: str = "bilinear"
     stream_length: int | None = None  # of a streamed training split (`train` a `datasets.IterableDataset`), if known
+    hub_id: str | None = None  # the Hub dataset these images are (a Hub id, or a known set's IDX files)
     max_bad_images: float = 0.05  # the share of a split that may be unreadable (skipped) before the run stops
     unreadable: dict[str, UnreadableImages] = field(default_factory=dict)  # by split, shared by its loaders
 
@@ -210,8 +213,18 @@ def load_image_data(
         crop_pct=model_input.crop_pct if natural else 1.0,
         interpolation=model_input.interpolation if natural else "bilinear",
         stream_length=length,
+        hub_id=hub_id_of(name, config),
         max_bad_images=max_bad_images,
     )
+
+
+def hub_id_of(spec: str, config: str | None = None) -> str | None:
+    """The Hub dataset `spec` is: itself when it is a Hub id, a known set's id for its IDX files, else None."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).exists():
+        return spec
+    found = idx.files(spec, config) if Path(spec).is_dir() else None
+    known = idx.known_set(found["test"][1]) if found else None
+    return known.hub_id if known else None
 
 
 SAMPLE = 64

@@ -66,7 +66,7 @@ def render_card(kind: str, metrics: dict, context: dict) -> ModelCard:
         license=context.get("license", "apache-2.0"),
         tags=["image-classification", "timm", "adversarial-robustness", "rrm-hub"] + context.get("tags", []),
         pipeline_tag="image-classification",
-        datasets=[dataset] if is_hub_id(dataset) else None,
+        datasets=[context["dataset_id"]] if context.get("dataset_id") else ([dataset] if is_hub_id(dataset) else None),
         base_model=context.get("teacher") if is_hub_id(context.get("teacher")) else None,
         model_name=context.get("model_name", "model"),
         eval_results=eval_results(metrics, dataset or "local"),

@@ -117,6 +117,7 @@ def card_context(config, images: ImageData, script: str) -> dict:
     """What every card shows about the run: names, settings and the command that reproduces it."""
     name = config.hub.model_id.split("/")[-1] if config.hub.model_id else Path(config.training.output_dir).name
     return {"model_name": name, "repo_id": config.hub.model_id or f"<user>/{name}", "dataset": images.name,
+            "dataset_id": images.hub_id, "train_split": config.data.train_split, "train_images": images.train_size,
             "repo_url": f"https://huggingface.co/{config.hub.model_id}" if config.hub.model_id else None,
             "config": config, "command": cli.command(script, config)}
 
