@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                          for lr in (config.lrs or [None])]))
         best = report.best_lrs(rows)
         rows += list(pool.map(lambda job: launch(*job), [(v, seed, best[v] if config.lrs else None)
-                                                          for v in config.variants if v in best for seed in rest]))
+                                                          for v in config.variants if v in best
+                                                          and (config.seeded is None or v in config.seeded)
+                                                          for seed in rest]))
         if config.final_suite != "none":  # 3. the final suite on the best rate's runs
             best = report.best_lrs(rows)
             chosen = [i for i, r in enumerate(rows) if "error" not in r and r["lr"] == best[r["variant"]]]

@@ -95,6 +95,8 @@ class StudyConfig(RunConfig):
                                   "default-l2 for --norm l2)")
     seeds: list[int] = setting(help="each variant runs once per seed (at its best learning rate)", nargs="+",
                                factory=lambda: [0])
+    seeded: list[str] | None = setting(None, "the variants that run at every --seeds (default: all; the others at "
+                                       "the first seed only)", nargs="+")
     lrs: list[float] | None = setting(None, "learning rates: every variant runs at each (with the first seed) and "
                                       "is reported at its best (default: each variant's own)", nargs="+", gt=0)
     twin: str = setting("atta_at", "the teacherless baseline each variant is compared with (STUDENT/TWIN)")
