@@ -17,7 +17,8 @@ from .suites import AttackFn, AutoAttackPart, accuracy, worst_case
 
 @dataclass(frozen=True)
 class MaskingChecks:
-    """Gradient-masking sanity checks (Carlini et al. 2019) and their thresholds; accuracies are fractions.
+    """Gradient-masking sanity checks (Carlini et al. 2019) and their thresholds; accuracies are fractions. The
+    probes run on the first `examples` test images (None: all), compared with the suite on the same images.
 
     large_eps: PGD-20 at a budget that reaches any image (L-inf 1.0; L2 sqrt(pixels)) must get accuracy down
         to at most `large_eps_accuracy`.
@@ -28,6 +29,7 @@ class MaskingChecks:
         (the suite's worst case when it has two or more epsilons, else PGD-`few_steps` at eps/2, eps, 2 eps).
     """
 
+    examples: int | None = 200
     large_eps_accuracy: float = 0.10
     few_steps: int = 10
     many_steps: int = 50

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..attacks import Attack, pgd
 from ..errors import RRMError
@@ -100,6 +100,7 @@ def evaluate_suite(
     checks: MaskingChecks | None = DEFAULT_CHECKS,
     accelerator: Accelerator | None = None,
     seed: int = 0,
+    measured_curve: list[dict] | None = None,
 ) -> dict:
     """`suite` at `eps` (and at each `sweep` epsilon), worst case per example, and the gradient-masking checks.
 
@@ -107,7 +108,9 @@ def evaluate_suite(
     after it, and "worst_case"), sweep (worst-case accuracy by epsilon, with eps 0 = clean), checks ({name:
     {"passed", "detail"}}), num_examples, eps, norm, suite; for AutoAttack's versions also attack_package and
     autoattack_checks (the warnings of AutoAttack's own checks, none when it found nothing). A failed check also
-    raises a loud `GradientMaskingWarning` on the main process.
+    raises a loud `GradientMaskingWarning` on the main process. The checks' probes run on the first
+    `checks.examples` images (`checks_examples`); `measured_curve`, an accuracy-versus-epsilon curve measured
+    elsewhere (the report's sweep), stands for the monotonicity probes.
     """
     if eps <= 0:
         raise RRMError(f"eps must be > 0 for a robustness evaluation, got {eps}")
@@ -115,11 +118,7 @@ def evaluate_suite(
     suites = {e: attack_suite(suite, e, norm, steps, seed) for e in epsilons}
     attacks = {f"{name}@{e:g}": attack for e, members in suites.items() for name, attack in members.items()}
     autoattack = suite in AUTOATTACK_VERSIONS
-    probes = {}
-    if checks is not None:
-        pixels = loader.dataset[0][0].numel()
-        probes = checks.probes(eps, norm, pixels, black_box=autoattack and suite != "rand", sweep=len(epsilons) > 1)
-    hits = attack_hits(model, loader, {**attacks, **probes}, accelerator, desc=f"{suite} {norm} eps={eps:g}")
+    hits = attack_hits(model, loader, attacks, accelerator, desc=f"{suite} {norm} eps={eps:g}")
 
     def members(e: float) -> dict[str, str]:  # attack name -> its key in `hits`, at epsilon e
         prefixes = [f"{name}@{e:g}" for name in suites[e]]
@@ -147,14 +146,33 @@ def evaluate_suite(
         for warning in found if accelerator is None or accelerator.is_main_process else []:
             print(f"WARNING: AutoAttack's check: {warning}", flush=True)
     if checks is not None:
-        black = [at_eps["square"]] if "square" in at_eps else []
-        # the white-box attacks that ran before Square (all of them in the standard version; the accuracy after an
-        # attack holds every earlier one)
-        names = list(at_eps)
-        white = [at_eps[n] for n in names[:names.index("square")]] if black else list(at_eps.values())
-        result["checks"] = run_checks(hits, white, black, curve, checks, eps, norm, pixels)
+        result["checks"], result["checks_examples"] = masking_checks(
+            model, loader, hits, at_eps, curve if len(curve) > 2 else measured_curve, checks, eps, norm, autoattack
+            and suite != "rand", accelerator)
         warn_failed_checks(result["checks"], accelerator)
     return result
+
+
+def masking_checks(model: nn.Module, loader: DataLoader, hits: dict, at_eps: dict[str, str], curve: list | None,
+                   checks: MaskingChecks, eps: float, norm: str, black_box: bool,
+                   accelerator: Accelerator | None) -> tuple[dict, int]:
+    """The gradient-masking checks: their probes on the first `checks.examples` images, judged with the suite's own
+    results on the same images (and `curve`, when the accuracy by epsilon was measured, for monotonicity)."""
+    pixels = loader.dataset[0][0].numel()
+    probes = checks.probes(eps, norm, pixels, black_box=black_box, sweep=curve is not None)
+    count = min(checks.examples or len(loader.dataset), len(loader.dataset))
+    subset = loader if count == len(loader.dataset) else DataLoader(
+        Subset(loader.dataset, range(count)), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+    probed = attack_hits(model, subset, probes, accelerator, desc="masking checks")
+    count = len(probed["clean"])
+    judged = {**{key: value[:count] for key, value in hits.items()}, **probed}
+    black = [at_eps["square"]] if "square" in at_eps else []
+    # the white-box attacks that ran before Square (all of them in the standard version; the accuracy after an
+    # attack holds every earlier one)
+    names = list(at_eps)
+    white = [at_eps[n] for n in names[:names.index("square")]] if black else list(at_eps.values())
+    return run_checks(judged, white, black, curve or [{"eps": 0.0, "accuracy": accuracy(judged["clean"])}], checks,
+                      eps, norm, pixels), count
 
 
 def epoch_check(loader: DataLoader, attack: Attack, accelerator: Accelerator | None = None):
@@ -206,11 +224,14 @@ def robustness_report(
 ) -> dict:
     """The numbers a card carries: `suite` at `eps` with the worst case per example, the gradient-masking
     checks, and accuracy versus epsilon (PGD-`sweep_steps` on `sweep_loader`, at `sweep_eps` or around `eps`)."""
-    report = evaluate_suite(model, test_loader, eps, norm, suite, steps=steps,
-                            checks=MaskingChecks() if checks else None, accelerator=accelerator)
-    if sweep_loader is not None:
+    sweep = None
+    if sweep_loader is not None:  # first: its curve is also what the monotonicity check reads
         epsilons = default_sweep(eps) if sweep_eps is None else [0.0, *sweep_eps]
-        report["sweep"] = eps_sweep(model, sweep_loader, epsilons, norm, sweep_steps, accelerator)
+        sweep = eps_sweep(model, sweep_loader, epsilons, norm, sweep_steps, accelerator)
+    report = evaluate_suite(model, test_loader, eps, norm, suite, steps=steps,
+                            checks=MaskingChecks() if checks else None, accelerator=accelerator, measured_curve=sweep)
+    if sweep is not None:
+        report["sweep"] = sweep
         report["sweep_examples"], report["sweep_steps"] = len(sweep_loader.dataset), sweep_steps
     return report
 
