@@ -16,14 +16,14 @@ from pathlib import Path
 from rrm_hub import cli
 from rrm_hub.errors import one_line_errors
 from rrm_hub.hub.cards import save_json
-from rrm_hub.runs import builders
 from rrm_hub.runs.scale import ScaleConfig, markdown_table, run_scale
+from rrm_hub.training.distributed import make_accelerator
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(ScaleConfig, argv, description=__doc__)
-    accelerator = builders.make_accelerator(config.training)
+    accelerator = make_accelerator(config.training)
     summary = run_scale(config, accelerator)
     summary["command"] = cli.command("benchmark_scale.py", config)
     if accelerator.is_main_process:

@@ -1,35 +1,49 @@
-"""rrm-hub: transfer adversarial robustness from any robust model on the Hub into a timm student."""
+"""rrm-hub: transfer adversarial robustness from any robust model on the Hub into a timm student.
 
+The public names below are loaded on first use, so that a program importing one part (a benchmark on a machine
+without `datasets`, say) pays for that part only.
+"""
+
+import importlib
 import sys
 
-from .attacks import Attack, fgsm, nfgsm, pgd
 from .config import cli
-from .config.runs import AdversarialTrainConfig, DistillConfig, RRMOptions, TrainConfig
-from .data.images import ImageData, load_image_data
-from .data.loaders import make_loader
-from .data.sources import EMBEDDED_MNIST
-from .errors import RRMError
-from .evaluation.checks import GradientMaskingWarning, MaskingChecks
-from .evaluation.evaluate import eps_sweep, evaluate, evaluate_suite
-from .evaluation.suites import AutoAttackPart, AutoAttackRun, attack_suite
-from .methods import RRM, AdversarialTraining, Natural, Objective
-from .models.features import FeatureTap, default_layer, list_layers
-from .models.pixel import PixelModel, PixelPreprocess, create_pixel_model
-from .models.student import RRMStudent
-from .runs.adversarial import adversarial_train
-from .runs.distill import RunResult, distill
-from .teachers.load import DEFAULT_TEACHER, load_teacher
-from .training.loop import TrainState, train
 
 __version__ = "0.1.0"
 
 sys.modules[f"{__name__}.cli"] = cli  # `rrm_hub.cli`, as the README has used it; now `rrm_hub.config.cli`
 
-__all__ = [
-    "Attack", "fgsm", "nfgsm", "pgd", "EMBEDDED_MNIST", "ImageData", "load_image_data", "make_loader", "RRMError",
-    "eps_sweep", "evaluate", "evaluate_suite", "attack_suite", "AutoAttackRun", "AutoAttackPart", "MaskingChecks",
-    "GradientMaskingWarning", "FeatureTap", "default_layer", "list_layers", "PixelModel", "PixelPreprocess",
-    "create_pixel_model", "RRM", "AdversarialTraining", "Natural", "RRMStudent", "DEFAULT_TEACHER",
-    "load_teacher", "TrainConfig", "TrainState", "train", "Objective", "DistillConfig", "AdversarialTrainConfig",
-    "RRMOptions", "RunResult", "distill", "adversarial_train",
-]
+_WHERE = {
+    ".attacks": ["Attack", "fgsm", "nfgsm", "pgd"],
+    ".config.runs": ["AdversarialTrainConfig", "DistillConfig", "RRMOptions", "TrainConfig"],
+    ".data.images": ["ImageData", "load_image_data"],
+    ".data.loaders": ["make_loader"],
+    ".data.sources": ["EMBEDDED_MNIST"],
+    ".errors": ["RRMError"],
+    ".evaluation.checks": ["GradientMaskingWarning", "MaskingChecks"],
+    ".evaluation.evaluate": ["eps_sweep", "evaluate", "evaluate_suite"],
+    ".evaluation.suites": ["AutoAttackPart", "AutoAttackRun", "attack_suite"],
+    ".methods": ["RRM", "AdversarialTraining", "Natural", "Objective"],
+    ".models.features": ["FeatureTap", "default_layer", "list_layers"],
+    ".models.pixel": ["PixelModel", "PixelPreprocess", "create_pixel_model"],
+    ".models.student": ["RRMStudent"],
+    ".runs.adversarial": ["adversarial_train"],
+    ".runs.distill": ["RunResult", "distill"],
+    ".teachers.load": ["DEFAULT_TEACHER", "load_teacher"],
+    ".training.loop": ["TrainState", "train"],
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = [name for names in _WHERE.values() for name in names]
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -5,7 +5,8 @@ import torch
 
 from rrm_hub import RRMStudent
 from rrm_hub.methods.registry import make_objective
-from rrm_hub.runs.benchmark import step_memory, time_to_target
+from rrm_hub.runs.benchmark import time_to_target
+from rrm_hub.training.costs import step_memory
 
 from .test_hub import _recipe
 

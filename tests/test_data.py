@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from rrm_hub import EMBEDDED_MNIST, RRMError, load_image_data, make_loader
-from rrm_hub.data.sources import cache_dir
+from rrm_hub.data import cache_dir
 
 
 def test_embedded_mnist_split_is_fixed_and_stratified(mnist):

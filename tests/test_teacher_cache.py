@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rrm_hub import RRM, FeatureTap, RRMError, RRMStudent, make_loader
-from rrm_hub.data.sources import cache_dir
+from rrm_hub.data import cache_dir
 from rrm_hub.teachers.cache import TeacherCache, load_or_build
 
 from .conftest import run_here

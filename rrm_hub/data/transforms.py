@@ -94,3 +94,10 @@ class RandomShift:
         return self.apply(pixels, *self.draw(rng))
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """What a model expects of its images: size (H, W), evaluation crop and interpolation."""
+
+    size: tuple[int, int]
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"

@@ -55,7 +55,7 @@ def key(model: nn.Module, test_loader: DataLoader, sweep_loader: DataLoader | No
 def places(model_key: str) -> list[Path]:
     """Where evaluations of a model with hash `model_key` are looked up: beside each bundled teacher, then the cache
     (where new ones are stored)."""
-    from ..data.sources import cache_dir
+    from ..data import cache_dir
     from ..teachers.load import ASSETS
 
     return [*sorted(ASSETS.glob(f"*/{EVALUATIONS_FILE}")), cache_dir() / "evaluations" / f"{model_key}.json"]

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import gather
 
 from ..attacks import Attack, ascent_direction, project, random_perturbation
-from ..data.images import ImageData
 from ..data.transforms import translate
 from ..errors import RRMError
+
+if TYPE_CHECKING:
+    from ..data.images import ImageData
 
 CARRIED_STEP = 0.5
 """Step of an attack carried over epochs, as a multiple of eps (many small steps add up over the epochs)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models import save_for_hf
 from torch import nn
 
-from ..data.images import ModelInput
+from ..data.transforms import ModelInput
 from ..errors import RRMError
 from .names import near_names
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import weakref
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-from torch import nn
 
 from ..attacks import pgd
 from ..config.runs import (
@@ -34,6 +32,7 @@ from ..models.features import default_layer, feature_width
 from ..models.student import RRMStudent
 from ..settings import section, setting
 from ..teachers.cache import TeacherCache
+from ..training.costs import step_memory
 from ..training.loop import train
 from . import builders, fit
 from .report import test_loader
@@ -238,41 +237,3 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
         if point["robust"] >= target:
             return point["seconds"]
     return None
-
-
-def step_memory(model: nn.Module, objective, x: torch.Tensor, y: torch.Tensor, *rest: torch.Tensor) -> dict:
-    """Memory of one training step of `objective`: the bytes of the storages saved for backward during the step
-    (activations, each storage counted once while it lives; a storage freed and then saved again at the same
-    address, as an attack's next inner step does, counts again, whatever the allocator reuses), and on CUDA the
-    peak allocated."""
-    live: dict[int, int] = {}  # storage address -> saved tensors alive that use it
-    total = 0
-
-    def release(address: int) -> None:
-        live[address] -= 1
-        if not live[address]:
-            del live[address]
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in live:
-            total += storage.nbytes()
-            live[storage.data_ptr()] = 0
-        live[storage.data_ptr()] += 1
-        weakref.finalize(tensor, release, storage.data_ptr())
-        return tensor
-
-    cuda = x.is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss, _ = objective(model, x, y, *rest)  # rest: the batch's origins, for an objective that keeps a memory
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    result = {"saved_activation_bytes": total}
-    if cuda:
-        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-    return result

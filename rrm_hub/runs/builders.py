@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
 from .. import methods
 from ..config.runs import DistillConfig, check_l2_budgets
-from ..config.sections import DataConfig, TrainConfig
-from ..data.images import ImageData, ModelInput, load_image_data
+from ..config.sections import DataConfig
+from ..data.images import ImageData, load_image_data
+from ..data.transforms import ModelInput
 from ..errors import RRMError
 from ..hub.push import check_can_push
 from ..methods.memory import PerturbationMemory
@@ -30,7 +29,7 @@ from ..models.names import resolve_model_name
 from ..models.pixel import model_input
 from ..models.student import RRMStudent
 from ..teachers.cache import load_or_build
-from ..training.distributed import enable_cpu_fsdp
+from ..training.distributed import make_accelerator
 
 
 @dataclass
@@ -44,26 +43,6 @@ class Runtime:
 
     def print(self, *args) -> None:
         self.accelerator.print(*args)
-
-
-def make_accelerator(training: TrainConfig) -> Accelerator:
-    """An `Accelerator` for the training settings (FSDP on CPU processes when the launch asks for it); seeds every
-    process identically. Refuses a launch that started several processes which would each train alone
-    (accelerate's `--multi_gpu` on a machine without GPUs does that): duplicated work and two writers of one folder;
-    and mixed precision the device cannot do."""
-    if training.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise RRMError("--mixed-precision fp16 needs a GPU (on a CPU it would silently run in float32); use "
-                       "--mixed-precision bf16 or no")
-    accelerator = Accelerator(mixed_precision=training.mixed_precision,
-                              gradient_accumulation_steps=training.grad_accum,
-                              dynamo_backend="inductor" if training.compile else "no",
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
-        raise RRMError(f"{os.environ['WORLD_SIZE']} processes were started but each would train alone; on CPUs "
-                       "launch with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...")
-    enable_cpu_fsdp(accelerator)
-    set_seed(training.seed)
-    return accelerator
 
 
 def output_folder(path: str | Path) -> Path:

@@ -36,6 +36,7 @@ from ..models.pixel import create_pixel_model, model_input
 from ..models.student import RRMStudent
 from ..settings import section, setting
 from ..teachers.cache import TeacherCache
+from ..training.costs import step_memory
 from ..training.loop import train
 
 SCALE_METHODS = ("natural", "timm", "natural_pad0", "rrm_clean", "rrm", "rrm_cached")
@@ -193,8 +194,6 @@ def profile_step(student, objective, x: torch.Tensor, y: torch.Tensor, rows: int
 def run_scale(config: ScaleConfig, accelerator) -> dict:
     """benchmark-scale.json's content: per method seconds per step, images/s, ratios to natural and their FLOP
     bounds, activation memory, the profiler's top entries; the loader's images/s against the training's."""
-    from .benchmark import step_memory
-
     device = accelerator.device
     name, student_args = config.student.spec()
     name = resolve_model_name(name, "--student", accelerator.print)

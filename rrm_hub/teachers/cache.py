@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -26,11 +27,12 @@ from safetensors.torch import safe_open, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.images import ImageData
-from ..data.loaders import make_loader
-from ..data.sources import cache_dir
+from ..data import cache_dir
 from ..errors import RRMError
 from ..models.features import FeatureTap
+
+if TYPE_CHECKING:
+    from ..data.images import ImageData
 
 SCHEME = "pixel-hash-v1"
 """Version of the key scheme and file layout; a change makes old files mismatch (and rebuild)."""
@@ -173,6 +175,8 @@ def load_or_build(teacher: nn.Module, layer: str, data: ImageData, batch_size: i
                 return cache
             log(f"teacher cache: {path} was made for another {', '.join(differs)}; rebuilding")
     started = time.perf_counter()
+    from ..data.loaders import make_loader  # reading datasets: only where a cache is built from one
+
     loader = make_loader(data, "train", batch_size, augment=False, num_workers=num_workers)
     cache = TeacherCache.build(teacher, layer, loader, metadata)
     cache.save(path)

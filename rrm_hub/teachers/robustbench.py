@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.sources import cache_dir
+from ..data import cache_dir
 from ..errors import RRMError
 from ..models.pixel import PixelModel, PixelPreprocess
 from .converters import refusal

@@ -1,15 +1,26 @@
-"""Training across processes: FSDP on CPU processes when the launch asks for it, the module to prepare (a copy under
-FSDP, which shards in place) and the trained weights handed back, and the values all processes agree on."""
+"""Training across processes: the accelerator (made with FSDP on CPU processes when the launch asks for it), the
+module to prepare (a copy under FSDP, which shards in place) and the trained weights handed back, and the values all
+processes agree on."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    parse_flag_from_env,
+    set_seed,
+)
 from torch import nn
+
+from ..config.sections import TrainConfig
+from ..errors import RRMError
 
 
 def enable_cpu_fsdp(accelerator: Accelerator) -> None:
@@ -65,3 +76,23 @@ def finite_weights(model: nn.Module, accelerator: Accelerator) -> bool:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "sum")
     return not bool(bad > 0)
+
+
+def make_accelerator(training: TrainConfig) -> Accelerator:
+    """An `Accelerator` for the training settings (FSDP on CPU processes when the launch asks for it); seeds every
+    process identically. Refuses a launch that started several processes which would each train alone
+    (accelerate's `--multi_gpu` on a machine without GPUs does that): duplicated work and two writers of one folder;
+    and mixed precision the device cannot do."""
+    if training.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise RRMError("--mixed-precision fp16 needs a GPU (on a CPU it would silently run in float32); use "
+                       "--mixed-precision bf16 or no")
+    accelerator = Accelerator(mixed_precision=training.mixed_precision,
+                              gradient_accumulation_steps=training.grad_accum,
+                              dynamo_backend="inductor" if training.compile else "no",
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise RRMError(f"{os.environ['WORLD_SIZE']} processes were started but each would train alone; on CPUs "
+                       "launch with: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ...")
+    enable_cpu_fsdp(accelerator)
+    set_seed(training.seed)
+    return accelerator
