@@ -35,9 +35,13 @@ from .transformers import is_transformers_config, transformers_teacher
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TEACHER = ASSETS / "mnist-robust-resnet"
-"""The bundled teacher: a small PGD-trained ResNet for the embedded MNIST (L-inf eps 0.3)."""
+"""The bundled teacher: a PGD-trained ResNet (L-inf eps 0.3) of the 54,152 MNIST training digits the embedded 5,000 do
+not hold."""
 L2_TEACHER = ASSETS / "mnist-robust-resnet-l2"
-"""The second bundled teacher, `load_teacher("default-l2")`: the same ResNet trained the same way at L2 eps 2.0."""
+"""`load_teacher("default-l2")`: the same ResNet trained the same way at L2 eps 2.0."""
+BUNDLED = {"default": (DEFAULT_TEACHER, "rrm-hub bundled MNIST teacher"),
+           "default-l2": (L2_TEACHER, "rrm-hub bundled MNIST teacher (L2)")}
+"""The teachers that ship inside the package, by the name --teacher takes."""
 
 HF_URL = "hf://"
 ROBUSTBENCH = "robustbench:"
@@ -182,10 +186,9 @@ def load_teacher(
     if not is_file and (arch or model_args or num_classes):
         raise RRMError("an architecture, model kwargs or a number of classes only apply to a weight file "
                        "(--teacher-checkpoint or a .safetensors/.ckpt/.pt teacher)")
-    if spec is None or spec == "default":
-        return _freeze(_load_folder(DEFAULT_TEACHER, "rrm-hub bundled MNIST teacher"))
-    if spec == "default-l2":
-        return _freeze(_load_folder(L2_TEACHER, "rrm-hub bundled MNIST teacher (L2)"))
+    if (spec or "default") in BUNDLED:
+        folder, source = BUNDLED[spec or "default"]
+        return _freeze(_load_folder(folder, source))
     if spec.startswith(ROBUSTBENCH):
         from .robustbench import robustbench_teacher
 
