@@ -139,7 +139,8 @@ def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path, se
     rate = ["--lr", repr(lr)] if lr is not None else []
     return [sys.executable, str(RECIPES / recipe), *flags, *epochs, *rate, *teacher_flags(recipe, config),
             "--norm", config.norm, "--eps", str(config.eps), "--seed", str(seed), "--eps-sweep", *sweep,
-            "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), *shlex.split(config.extra)]
+            "--sweep-steps", "20", "--no-checks", "--output-dir", str(folder), "--overwrite-output-dir",
+            *shlex.split(config.extra)]  # the study owns its runs' folders: a run it starts again starts over
 
 
 def finished(folder: Path, cmd: list[str]) -> bool:
