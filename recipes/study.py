@@ -226,11 +226,48 @@ def run_final(row: dict, config: StudyConfig) -> dict:
     return {**row, "final": final}
 
 
+def combine(config: StudyConfig) -> dict:
+    """data-gap.json and data-gap.png: each variant's teacher contribution by the student's number of images, from
+    the studies --combine names."""
+    studies = []
+    for folder in config.combine:
+        path = Path(folder) / "study.json"
+        if not path.exists():
+            raise RRMError(f"--combine {folder}: no study.json there; run the study first")
+        study = json.loads(path.read_text())
+        done = [r for r in study["rows"] if "error" not in r]
+        if not done:
+            raise RRMError(f"--combine {folder}: its study has no finished run")
+        studies.append({**study, "images": train_images(Path(done[0]["folder"]))})
+    points = report.data_gap(studies)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = {"studies": config.combine, "twin": config.twin, "points": points}
+    save_json(result, output_dir / "data-gap.json")
+    report.plot_data_gap(points, config.twin, output_dir / "data-gap.png")
+    for p in points:
+        print(f"{p['variant']:<20} {p['images']:>6} images: {p['robust']:.1%} ({p['by']}), "
+              f"{p['teacher_contribution'] * 100:+.1f} points over the twin")
+    return result
+
+
+def train_images(folder: Path) -> int:
+    """How many training images a run had (its dataset and --train-split, as its run_config.yaml says)."""
+    from rrm_hub.config.sections import DataConfig
+    from rrm_hub.runs.builders import load_data
+    from rrm_hub.settings import from_dict
+
+    run = yaml.safe_load((folder / cli.CONFIG_FILE).read_text())
+    return load_data(from_dict(DataConfig, run.get("data", {})), run["training"]["seed"]).train_size
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(StudyConfig, argv, description=__doc__)
     if config.twin not in _names("baselines"):
         raise RRMError(f"--twin {config.twin} is not a baseline; choose one of {', '.join(_names('baselines'))}")
+    if config.combine:
+        return combine(config)
     known = variants()
     if config.list_variants:
         for name, (recipe, flags) in known.items():

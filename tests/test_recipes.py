@@ -235,3 +235,26 @@ def test_a_teacher_cache_is_paid_for_up_front_in_the_study_budget(tmp_path):
 
     epochs = {name: epochs_of(cmd) for name, cmd in (("live", live), ("cached", cached), ("twin", twin))}
     assert epochs == {"live": round(40 / 2.4), "cached": round((40 - 0.4) / 2.0), "twin": 20}
+
+
+def test_the_data_gap_plots_the_teachers_contribution_against_the_students_images(tmp_path):
+    studies = []
+    for images, contribution in ((1000, 0.08), (2000, 0.03)):
+        run = tmp_path / f"n{images}" / "vit__rslad-seed0"
+        run.mkdir(parents=True)
+        (run / "run_config.yaml").write_text(f"data:\n  train_split: train[:{images}]\ntraining:\n  seed: 0\n")
+        summary = [{"variant": "vit/rslad", "by": "autoattack-standard", "robust": 0.3, "seeds": 1,
+                    "teacher_contribution": contribution},
+                   {"variant": "vit/atta_at", "by": "autoattack-standard", "robust": 0.3 - contribution, "seeds": 1,
+                    "teacher_contribution": None}]
+        (tmp_path / f"n{images}" / "study.json").write_text(json.dumps(
+            {"rows": [{"variant": "vit/rslad", "folder": str(run)}], "summary": summary}))
+        studies.append(str(tmp_path / f"n{images}"))
+    result = run_here(["recipes/study.py", "--combine", *studies, "--output-dir", str(tmp_path / "gap")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    gap = json.loads((tmp_path / "gap" / "data-gap.json").read_text())
+    assert [(p["variant"], p["images"], p["teacher_contribution"]) for p in gap["points"]] == [
+        ("vit/rslad", 1000, 0.08), ("vit/rslad", 2000, 0.03)]
+    assert (tmp_path / "gap" / "data-gap.png").stat().st_size > 0 and "+8.0 points over the twin" in result.stdout
+    missing = run_here(["recipes/study.py", "--combine", str(tmp_path / "nothing"), "--output-dir", str(tmp_path)])
+    assert missing.returncode == 2 and "no study.json there" in missing.stderr

@@ -110,4 +110,8 @@ class StudyConfig(RunConfig):
         "none", "after screening: attack the runs of each variant's best learning rate with this AutoAttack version "
         "(recipes/evaluate.py)")
     final_examples: int = setting(1000, "test images of --final-suite", ge=1)
+    combine: list[str] | None = setting(None, "instead of running: read these studies' study.json (one per number of "
+                                        "student images, --train-split train[:N]) and plot each variant's teacher "
+                                        "contribution against the student's images (data-gap.json, data-gap.png)",
+                                        nargs="+")
     output_dir: str = setting("study", "output folder")

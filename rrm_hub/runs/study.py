@@ -125,3 +125,36 @@ def plot_contributions(summary: list[dict], twin: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def data_gap(studies: list[dict]) -> list[dict]:
+    """Each variant's teacher contribution by the student's number of training images, from studies that differ
+    only in that (`images`: the runs' training images, read from their metrics)."""
+    points = []
+    for study in studies:
+        for summary in study["summary"]:
+            if summary["teacher_contribution"] is None:
+                continue
+            points.append({"variant": summary["variant"], "images": study["images"], "by": summary["by"],
+                           "robust": summary["robust"], "teacher_contribution": summary["teacher_contribution"],
+                           "seeds": summary["seeds"]})
+    return sorted(points, key=lambda p: (p["variant"], p["images"]))
+
+
+def plot_data_gap(points: list[dict], twin: str, path: Path) -> None:
+    """The teacher's contribution (points of robust accuracy over the twin's) against the student's images."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in dict.fromkeys(p["variant"] for p in points):
+        mine = [p for p in points if p["variant"] == variant]
+        ax.plot([p["images"] for p in mine], [100 * p["teacher_contribution"] for p in mine], marker="o",
+                label=f"{variant} ({mine[0]['by']})")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("the student's training images")
+    ax.set_ylabel(f"robust accuracy minus STUDENT/{twin}'s (points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
