@@ -7,6 +7,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -61,6 +62,8 @@ class BenchmarkConfig(RunConfig):
     eps_warmup: float = setting(0.3, "epsilon ramp of PGD-AT and fast-AT, a fraction of training", ge=0, le=1)
     target_fraction: float = setting(0.9, "time-to-target: this fraction of PGD-AT's final robust accuracy", gt=0,
                                      le=1)
+    save_students: bool = setting(False, "save each method's student in OUTPUT_DIR/students/METHOD (for "
+                                  "recipes/evaluate.py --suite standard)")
     target: float | None = setting(None, "robust accuracy (PGD-10 per-epoch check) for time-to-target (default: "
                                    "--target-fraction of PGD-AT's final robust accuracy)", ge=0)
     teacher: TeacherConfig = section(TeacherConfig)
@@ -148,6 +151,8 @@ def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_la
     step_bytes = step_memory(student, objective, *(t.to(accelerator.device) for t in batch))
     if hasattr(objective, "remove"):  # the hooks on the teacher, which the next method's objective shares
         objective.remove()
+    if config.save_students and accelerator.is_main_process:
+        student.save_pretrained(Path(config.training.output_dir or "benchmark") / "students" / method)
     final = evaluate(student, test_loader(images, training.batch_size, config.eval.eval_examples),
                      {"pgd20": pgd(config.eval.eps, config.eval.norm, 20)}, accelerator, desc=f"{method} pgd20")
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
