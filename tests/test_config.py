@@ -111,7 +111,7 @@ def study_variants() -> dict:
 
 def test_study_variants_become_the_recipes_flags():
     table = study_variants()
-    assert len(table) == 6 * (24 + 2)  # students x (matchings + baselines)
+    assert len(table) == 6 * (25 + 2)  # students x (matchings + baselines)
     recipe, flags = table["cnn/adversarial-kd"]
     assert recipe == "rrm.py" and "--kd-weight" in flags and "--clean-weight" in flags  # from its base file
     recipe, flags = table["vit/pgd_at"]
@@ -119,6 +119,22 @@ def test_study_variants_become_the_recipes_flags():
     for recipe, flags in table.values():
         cls = DistillConfig if recipe == "rrm.py" else AdversarialTrainConfig
         cli.parse(cls, flags)
+
+
+def test_the_teacher_is_cached_wherever_that_gives_the_same_targets():
+    run = cli.parse(DistillConfig, [])
+    assert run.rrm.cache_teacher is None and run.rrm.caches(run.method, run.data)  # unaugmented digits, clean targets
+    assert run.rrm.caches("ard", run.data) and not run.rrm.caches("adaad", run.data)  # AdaAD's teacher sees attacks
+    assert not run.rrm.caches(run.method, dataclasses.replace(run.data, pad=2))  # shifted views: live
+    assert not run.rrm.caches(run.method, run.data, augment="timm")  # random-resized photos: live
+    assert not run.rrm.caches(run.method, run.data, pairs=2)  # several layers: live
+    matched = cli.parse(DistillConfig, ["--teacher-input", "matched"])
+    assert not matched.rrm.caches(matched.method, matched.data)
+    off = cli.parse(DistillConfig, ["--no-cache-teacher"])
+    assert not off.rrm.caches(off.method, off.data) and "--no-cache-teacher" in cli.to_flags(off)
+    assert cli.to_flags(run) == []
+    with pytest.raises(RRMError, match="--pad 0"):  # asked for where it cannot give the same targets: refused
+        cli.parse(DistillConfig, ["--cache-teacher", "--pad", "2"])
 
 
 @pytest.mark.slow

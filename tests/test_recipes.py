@@ -227,7 +227,7 @@ def test_a_teacher_cache_is_paid_for_up_front_in_the_study_budget(tmp_path):
     module = load_recipe("study.py")
     config = module.StudyConfig(budget=40)
     known = module.variants()
-    live = module.command(*known["vit/default"], config, tmp_path, teacher_ratio=1.2)
+    live = module.command(*known["vit/default-live"], config, tmp_path, teacher_ratio=1.2)
     cached = module.command(*known["vit/default-cached"], config, tmp_path, teacher_ratio=1.2)
     twin = module.command(*known["vit/atta_at"], config, tmp_path)
     def epochs_of(cmd):  # the last --epochs wins

@@ -39,14 +39,14 @@ def flag(owner: Any, field: dataclasses.Field) -> str:
 
 
 def _argparse_options(owner: Any, field: dataclasses.Field) -> dict:
-    annotation, _ = settings.unwrap_optional(settings.hints(type(owner))[field.name])
+    annotation, optional = settings.unwrap_optional(settings.hints(type(owner))[field.name])
     meta, default = field.metadata, getattr(owner, field.name)
     help_text = meta.get("help", "")
     if not (default is None or default is False or default == []) and "default" not in help_text:
         help_text += f" (default: {_shown(default)})"
     options: dict = {"help": help_text.replace("%", "%%"), "default": argparse.SUPPRESS}
-    if annotation is bool:
-        return {**options, "action": "store_true"}
+    if annotation is bool:  # an optional one (None: decided by the run) also has --no-<flag>
+        return {**options, "action": argparse.BooleanOptionalAction if optional else "store_true"}
     item = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation
     if typing.get_origin(item) is Literal:
         options["choices"] = typing.get_args(item)
@@ -172,7 +172,7 @@ def flags_of(cls: type, data: dict) -> list[str]:
             continue
         value, option = getattr(owner, field.name), flag(owner, field)
         if isinstance(value, bool):
-            flags += [option] if value else []
+            flags += [option] if value else ([f"--no-{option[2:]}"] if field.default is None else [])
         elif isinstance(value, list) and field.metadata.get("action") == "append":
             flags += [part for item in value for part in (option, str(item))]
         elif isinstance(value, list):

@@ -58,10 +58,12 @@ class RRMConfig(RRMOptions):
         "previous", "where each image's matching attack starts: where its attack ended the epoch before (previous: "
         "the steps add up over epochs, as in ATTA; keeps one perturbation per training image in CPU memory) or at "
         "random (FGSM-RS); the same compute")
-    cache_teacher: bool = setting(False, "compute the teacher's outputs on the clean training images once, keep "
-                                  "them on disk (reused while dataset, teacher and layer are the same) and look them "
-                                  "up instead of running the teacher; needs --pad 0 and --match-on clean (or "
-                                  "--teacher-input clean)")
+    cache_teacher: bool | None = setting(
+        None, "compute the teacher's outputs on the clean training images once, keep them on disk (reused while "
+        "dataset, teacher and layer are the same) and look them up instead of running the teacher: the same targets "
+        "for less compute. Default: on wherever it gives the same targets (a method whose targets are the teacher's "
+        "on clean images, one teacher layer, training images on disk and unaugmented: --pad 0, no --hflip), off "
+        "elsewhere; --no-cache-teacher runs the teacher live")
 
     @property
     def carried(self) -> bool:
@@ -72,9 +74,18 @@ class RRMConfig(RRMOptions):
         """Whether `method` keeps a perturbation memory with these options."""
         return methods.get(method).carries(self, self.match_start)
 
+    def caches(self, method: str, data: DataConfig, pairs: int = 0, augment: str | None = None) -> bool:
+        """Whether a run of `method` on `data` keeps a teacher cache: as --cache-teacher says, else wherever the cache
+        gives the same targets (`augment`: the training augmentation, once the images are known)."""
+        if self.cache_teacher is not None:
+            return self.cache_teacher
+        clean_targets = self.match_on == "clean" or self.resolved_teacher_input == "clean"
+        return (methods.get(method).cache == "can" and clean_targets and not pairs and not data.pad
+                and not data.hflip and not data.streaming and data.augment != "timm" and augment != "timm")
+
     def check_run(self, data: DataConfig, pairs: int, method: str = "rrm") -> None:
         """The rules of a run of `method` with these options (robust distillation takes its attack from them)."""
-        methods.check(method, self, cached=self.cache_teacher, pairs=pairs, match_start=self.match_start)
+        methods.check(method, self, cached=bool(self.cache_teacher), pairs=pairs, match_start=self.match_start)
         if self.cache_teacher and (data.pad or data.hflip):
             raise RRMError(UNAUGMENTED_CACHE)
 
@@ -176,7 +187,7 @@ class DistillConfig(RunConfig):
         "logits on the clean images)")
     rrm: RRMConfig = section(lambda: RRMConfig(**RECIPE_RRM))
     robust: RobustDistillOptions = section(RobustDistillOptions)
-    training: TrainConfig = section(lambda: TrainConfig(epochs=40, lr=1e-3))
+    training: TrainConfig = section(lambda: TrainConfig(epochs=40, lr=2e-3))
     eval: EvalConfig = section(EvalConfig)
     hub: HubConfig = section(HubConfig)
     preflight: bool = setting(False, "train briefly, report whether robustness moves into the student (robust "

@@ -68,7 +68,7 @@ class BenchmarkConfig(RunConfig):
                                    "--target-fraction of PGD-AT's final robust accuracy)", ge=0)
     teacher: TeacherConfig = section(TeacherConfig)
     student: StudentConfig = section(StudentConfig)
-    rrm: RRMConfig = section(lambda: RRMConfig(**RECIPE_RRM))
+    rrm: RRMConfig = section(lambda: RRMConfig(**RECIPE_RRM, cache_teacher=False))  # rrm_cached is the cached one
     robust: RobustDistillOptions = section(RobustDistillOptions)
     data: DataConfig = section(DataConfig)
     training: TrainConfig = section(lambda: TrainConfig(epochs=10, lr=3e-3))
