@@ -124,3 +124,17 @@ def test_pixel_hashes_find_shared_images_whatever_file_they_came_in(tmp_path, mn
     provenance.save_hashes(train, tmp_path, {"dataset": "digits"})
     saved, metadata = provenance.load_hashes(tmp_path)
     assert sorted(saved.tolist()) == sorted(train.tolist()) and metadata["dataset"] == "digits"
+
+
+def test_the_bundled_teacher_never_saw_a_digit_of_the_embedded_set():
+    """The bundled L-inf teacher learned from MNIST training digits the embedded 5,000 do not hold; it ships its
+    training images' pixel hashes, checked here against the embedded digits (no MNIST download needed)."""
+    from rrm_hub.teachers.load import DEFAULT_TEACHER
+
+    embedded = provenance.dataset_hashes("mnist-5k")
+    assert sum(len(h) for h in embedded.values()) == 5000
+    shipped, metadata = provenance.load_hashes(DEFAULT_TEACHER)
+    assert len(shipped) == 54152 and metadata["split"] == "train[5848:]" and metadata["disjoint_from"] == "mnist-5k"
+    provenance.check_disjoint(shipped, embedded, "mnist-5k")  # raises on any shared digit
+    with pytest.raises(RRMError, match="mnist-5k"):  # and the check can fail: the embedded digits against themselves
+        provenance.check_disjoint(np.concatenate(list(embedded.values())), embedded, "mnist-5k")

@@ -69,7 +69,7 @@ def render_card(kind: str, metrics: dict, context: dict) -> ModelCard:
         datasets=[context["dataset_id"]] if context.get("dataset_id") else ([dataset] if is_hub_id(dataset) else None),
         base_model=context.get("teacher") if is_hub_id(context.get("teacher")) else None,
         model_name=context.get("model_name", "model"),
-        eval_results=eval_results(metrics, context.get("dataset_id") or dataset or "local"),
+        eval_results=eval_results(metrics, context.get("dataset_id") or dataset or "local"),  # the Hub's name
     )
     return ModelCard.from_template(card_data, template_path=str(template_path(kind)), metrics=metrics, **context)
 
