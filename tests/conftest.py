@@ -32,6 +32,18 @@ def mnist():
     return load_image_data()
 
 
+def _bundled_channels() -> list[int]:
+    import json
+
+    from rrm_hub.teachers.load import DEFAULT_TEACHER
+
+    return json.loads((DEFAULT_TEACHER / "config.json").read_text())["model_args"]["channels"]
+
+
+TEACHER_WIDTH, LAYER2_WIDTH = _bundled_channels()[-1], _bundled_channels()[1]
+"""The bundled teacher's representation width (what a student projects to) and its layer2's channels."""
+
+
 @pytest.fixture(scope="session")
 def teacher():
     from rrm_hub import load_teacher

@@ -10,7 +10,7 @@ from rrm_hub import RRM, RRMError, RRMStudent
 from rrm_hub.methods import feature_loss
 from rrm_hub.models.align import Match, common_grid, parse_match, teacher_pairs, to_grid, view, view_shape
 
-from .conftest import run_here
+from .conftest import LAYER2_WIDTH, TEACHER_WIDTH, run_here
 
 VIT = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 48, "num_heads": 2}
 TWO_PAIRS = [Match("layer2", "blocks.0"), Match("fc@input", None, 0.5)]
@@ -59,19 +59,19 @@ def test_a_spatial_pair_with_a_vector_side_names_the_layer(teacher):
     sample = torch.zeros(2, 1, 28, 28)
     pairs = teacher_pairs(teacher, teacher.network, [Match("fc@input", "blocks.0")], "spatial", sample)
     with pytest.raises(RRMError, match="teacher layer 'fc@input' is a vector"):
-        RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
-                               model_args=VIT, pairs=pairs)
+        RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=TEACHER_WIDTH, num_classes=10,
+                               input_size=(1, 28, 28), model_args=VIT, pairs=pairs)
     pairs = teacher_pairs(teacher, teacher.network, [Match("layer2", None)], "spatial", sample)
     with pytest.raises(RRMError, match="student layer 'penultimate' is a vector"):
-        RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
-                               model_args=VIT, pairs=pairs)
+        RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=TEACHER_WIDTH, num_classes=10,
+                               input_size=(1, 28, 28), model_args=VIT, pairs=pairs)
 
 
 def _two_pair_student(teacher):
     pairs = teacher_pairs(teacher, teacher.network, TWO_PAIRS, "spatial", torch.zeros(2, 1, 28, 28))
     torch.manual_seed(0)
-    return RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
-                                  model_args=VIT, pairs=pairs)
+    return RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=TEACHER_WIDTH, num_classes=10,
+                                  input_size=(1, 28, 28), model_args=VIT, pairs=pairs)
 
 
 def test_student_projects_each_pair_to_the_teacher(teacher):
@@ -79,10 +79,10 @@ def test_student_projects_each_pair_to_the_teacher(teacher):
     assert [p.grid for p in student.pairs] == [[4, 4], None]
     assert [p.mode for p in student.pairs] == ["spatial", "pooled"]  # two vectors stay vectors
     conv, same = student.aligners["0"], student.aligners["1"]
-    assert isinstance(conv, torch.nn.Conv2d) and (conv.in_channels, conv.out_channels) == (48, 64)
+    assert isinstance(conv, torch.nn.Conv2d) and (conv.in_channels, conv.out_channels) == (48, LAYER2_WIDTH)
     assert isinstance(same, torch.nn.Identity)  # the penultimate pair is the projection the classifier reads
     logits, features = student(torch.rand(3, 1, 28, 28), return_features=True)
-    assert logits.shape == (3, 10) and [f.shape for f in features] == [(3, 64, 4, 4), (3, 128)]
+    assert logits.shape == (3, 10) and [f.shape for f in features] == [(3, LAYER2_WIDTH, 4, 4), (3, TEACHER_WIDTH)]
     assert not any(m._forward_hooks for m in student.modules())
 
 
@@ -112,7 +112,7 @@ def test_loss_is_the_weighted_sum_of_the_pairs(teacher):
         t_map, t_vec = objective.teacher_features()
         first = 1 - torch.nn.functional.cosine_similarity(s_map, t_map, dim=1).mean()
         second = 1 - torch.nn.functional.cosine_similarity(s_vec, t_vec, dim=1).mean()
-    assert t_map.shape == (5, 64, 4, 4)
+    assert t_map.shape == (5, LAYER2_WIDTH, 4, 4)
     assert torch.allclose(logs["feat/layer2:blocks.0"], first, atol=1e-5)
     assert torch.allclose(logs["feat/fc@input:penultimate"], second, atol=1e-5)
     expected = 0.1 * torch.nn.functional.cross_entropy(logits, y) + 2.0 * (first + 0.5 * second)
@@ -148,7 +148,7 @@ def test_vit_student_matched_at_two_pairs_trains_saves_and_reloads(tmp_path):
             "--no-checks", "--output-dir", str(out)]
     result = run_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "match layer2:blocks.0 (weight 1, teacher (64, 4, 4), on a 4x4 grid)" in result.stdout
+    assert f"match layer2:blocks.0 (weight 1, teacher ({LAYER2_WIDTH}, 4, 4), on a 4x4 grid)" in result.stdout
     assert "feat/layer2:blocks.0=" in result.stdout
     config = json.loads((out / "config.json").read_text())
     assert [p["teacher_layer"] for p in config["rrm"]["pairs"]] == ["layer2", "fc@input"]
@@ -158,7 +158,7 @@ def test_vit_student_matched_at_two_pairs_trains_saves_and_reloads(tmp_path):
     student = RRMStudent.from_pretrained(out)
     x = torch.rand(4, 1, 28, 28)
     logits, features = student(x, return_features=True)
-    assert [f.shape for f in features] == [(4, 64, 4, 4), (4, 128)]
+    assert [f.shape for f in features] == [(4, LAYER2_WIDTH, 4, 4), (4, TEACHER_WIDTH)]
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # the trained student, folded
     data = timm.data.resolve_data_config({}, model=plain)
     normalized = (x - torch.tensor(data["mean"]).view(1, -1, 1, 1)) / torch.tensor(data["std"]).view(1, -1, 1, 1)

@@ -8,6 +8,7 @@ from rrm_hub.methods.registry import make_objective
 from rrm_hub.runs.benchmark import time_to_target
 from rrm_hub.training.costs import step_memory
 
+from .conftest import TEACHER_WIDTH
 from .test_hub import _recipe
 
 
@@ -19,7 +20,8 @@ def test_time_to_target_is_the_first_crossing():
 
 def test_rrm_step_keeps_the_memory_of_a_natural_step(teacher):
     """The teacher runs without a graph, so an RRM step saves no more activations than a natural one."""
-    student = RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
+    student = RRMStudent.for_teacher("vit_tiny_patch16_224", feature_dim=TEACHER_WIDTH, num_classes=10,
+                                     input_size=(1, 28, 28),
                                      model_args={"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 48,
                                                  "num_heads": 2})
     x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10

@@ -10,10 +10,12 @@ from rrm_hub import RRM, RRMError, RRMStudent, make_loader
 from rrm_hub.data.transforms import RandomShift, translate
 from rrm_hub.methods.memory import CARRIED_STEP, PerturbationMemory
 
+from .conftest import TEACHER_WIDTH
+
 
 @pytest.fixture(scope="module")
 def student():
-    return RRMStudent.for_teacher("resnet18", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
+    return RRMStudent.for_teacher("resnet18", feature_dim=TEACHER_WIDTH, num_classes=10, input_size=(1, 28, 28),
                                   model_args={"layers": (1, 1, 1, 1), "channels": (8, 8, 16, 16)})
 
 

@@ -6,10 +6,12 @@ from rrm_hub import RRM, AdversarialTraining, RRMError, RRMStudent, fgsm, nfgsm,
 from rrm_hub.data.transforms import translate
 from rrm_hub.methods import feature_loss
 
+from .conftest import TEACHER_WIDTH
+
 
 @pytest.fixture(scope="module")
 def student(teacher):
-    return RRMStudent.for_teacher("resnet18", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
+    return RRMStudent.for_teacher("resnet18", feature_dim=TEACHER_WIDTH, num_classes=10, input_size=(1, 28, 28),
                                   model_args={"layers": (1, 1, 1, 1), "channels": (8, 8, 16, 16)})
 
 

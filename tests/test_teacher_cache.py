@@ -12,7 +12,7 @@ from rrm_hub import RRM, FeatureTap, RRMError, RRMStudent, make_loader
 from rrm_hub.data import cache_dir
 from rrm_hub.teachers.cache import TeacherCache, load_or_build
 
-from .conftest import run_here
+from .conftest import TEACHER_WIDTH, run_here
 from .test_hub import _recipe
 
 LAYER = "fc@input"
@@ -30,7 +30,7 @@ def quiet(_line: str) -> None:
 
 def tiny_student() -> RRMStudent:
     torch.manual_seed(0)
-    return RRMStudent.for_teacher("resnet18", feature_dim=128, num_classes=10, input_size=(1, 28, 28),
+    return RRMStudent.for_teacher("resnet18", feature_dim=TEACHER_WIDTH, num_classes=10, input_size=(1, 28, 28),
                                   model_args={"layers": (1, 1, 1, 1), "channels": (8, 8, 8, 8)})
 
 

@@ -13,11 +13,16 @@ def done(rows: list[dict]) -> list[dict]:
 
 
 def best_lrs(rows: list[dict]) -> dict[str, float]:
-    """Each variant's learning rate with the highest mean screening robust accuracy (ties: the smaller rate)."""
-    scores: dict[str, dict[float, list[float]]] = {}
+    """Each variant's learning rate with the highest screening robust accuracy at the seed that ran every rate (the
+    screening; ties: the smaller rate), so that the rate the other seeds ran at stays the best once they are in."""
+    scores: dict[str, dict[int, dict[float, float]]] = {}
     for r in done(rows):
-        scores.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(r["robust"])
-    return {variant: max(sorted(by_lr), key=lambda lr: mean(by_lr[lr])) for variant, by_lr in scores.items()}
+        scores.setdefault(r["variant"], {}).setdefault(r["seed"], {})[r["lr"]] = r["robust"]
+    best = {}
+    for variant, by_seed in scores.items():
+        screening = max(by_seed.values(), key=len)  # the first seed with the most rates
+        best[variant] = max(sorted(screening), key=lambda lr, s=screening: s[lr])
+    return best
 
 
 def measured(row: dict) -> tuple[float, float, str]:
