@@ -40,7 +40,8 @@ def _bundled_channels() -> list[int]:
     return json.loads((DEFAULT_TEACHER / "config.json").read_text())["model_args"]["channels"]
 
 
-TEACHER_WIDTH, LAYER2_WIDTH = _bundled_channels()[-1], _bundled_channels()[1]
+_CHANNELS = _bundled_channels()
+TEACHER_WIDTH, LAYER2_WIDTH = _CHANNELS[-1], _CHANNELS[1]
 """The bundled teacher's representation width (what a student projects to) and its layer2's channels."""
 
 

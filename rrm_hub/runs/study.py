@@ -21,7 +21,7 @@ def best_lrs(rows: list[dict]) -> dict[str, float]:
     best = {}
     for variant, by_seed in scores.items():
         screening = max(by_seed.values(), key=len)  # the first seed with the most rates
-        best[variant] = max(sorted(screening), key=lambda lr, s=screening: s[lr])
+        best[variant] = max(sorted(screening), key=screening.get)
     return best
 
 
