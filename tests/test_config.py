@@ -66,6 +66,8 @@ def test_every_earlier_flag_is_generated(script):
     (["--teacher-num-classes", "0"], "--teacher-num-classes must be >= 1"),
     (["--cache-teacher", "--pad", "2"], "--cache-teacher needs the training images unaugmented"),
     (["--cache-teacher", "--match-on", "noise"], "--cache-teacher holds the teacher's outputs on clean images only"),
+    (["--cache-teacher", "--augment", "timm"], "--cache-teacher needs the training images on disk and unaugmented"),
+    (["--cache-teacher", "--method", "adaad"], "it serves --method rrm, ard, rslad, not adaad"),
     (["--suite", "standard", "--eval-steps", "5"], "AutoAttack's standard version has fixed settings"),
 ])
 def test_bounds_and_rules_are_one_line_errors(argv, message):

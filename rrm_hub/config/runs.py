@@ -48,6 +48,8 @@ AdversarialMethod = Literal[methods.names("adversarial")]
 
 UNAUGMENTED_CACHE = ("--cache-teacher needs the training images unaugmented: add --pad 0 (and no --hflip), or drop "
                      "--cache-teacher")
+STORED_CACHE = ("--cache-teacher needs the training images on disk and unaugmented, not streamed or randomly "
+                "cropped: drop --streaming, add --augment none, or drop --cache-teacher")
 
 
 @dataclass
@@ -74,20 +76,27 @@ class RRMConfig(RRMOptions):
         """Whether `method` keeps a perturbation memory with these options."""
         return methods.get(method).carries(self, self.match_start)
 
+    def cache_refusal(self, method: str, data: DataConfig, pairs: int = 0, augment: str | None = None) -> str | None:
+        """Why a cache of the teacher's clean outputs would not give a run of `method` on `data` its targets (None
+        where it would; `augment`: the training augmentation, once the images are known)."""
+        if data.pad or data.hflip:
+            return UNAUGMENTED_CACHE
+        if data.streaming or "timm" in (data.augment, augment):
+            return STORED_CACHE
+        return methods.cache_refusal(method, self, pairs)
+
     def caches(self, method: str, data: DataConfig, pairs: int = 0, augment: str | None = None) -> bool:
-        """Whether a run of `method` on `data` keeps a teacher cache: as --cache-teacher says, else wherever the cache
-        gives the same targets (`augment`: the training augmentation, once the images are known)."""
-        if self.cache_teacher is not None:
-            return self.cache_teacher
-        clean_targets = self.match_on == "clean" or self.resolved_teacher_input == "clean"
-        return (methods.get(method).cache == "can" and clean_targets and not pairs and not data.pad
-                and not data.hflip and not data.streaming and data.augment != "timm" and augment != "timm")
+        """Whether a run of `method` on `data` keeps a teacher cache: as --cache-teacher says (asked for where it
+        would not give the same targets: refused in one line), else wherever it gives the same targets."""
+        refusal = self.cache_refusal(method, data, pairs, augment)
+        if self.cache_teacher and refusal:
+            raise RRMError(refusal)
+        return refusal is None if self.cache_teacher is None else self.cache_teacher
 
     def check_run(self, data: DataConfig, pairs: int, method: str = "rrm") -> None:
         """The rules of a run of `method` with these options (robust distillation takes its attack from them)."""
-        methods.check(method, self, cached=bool(self.cache_teacher), pairs=pairs, match_start=self.match_start)
-        if self.cache_teacher and (data.pad or data.hflip):
-            raise RRMError(UNAUGMENTED_CACHE)
+        self.caches(method, data, pairs)
+        methods.check(method, self, pairs=pairs, match_start=self.match_start)
 
 
 RECIPE_RRM = {"match_on": "adversarial", "eps": None, "teacher_input": "auto", "attack_loss": "ce", "eps_warmup": 0.5}

@@ -17,7 +17,7 @@ from .losses import Mismatch, distillation_loss, feature_loss, kl_divergence
 from .method import Cost, Method, Parts
 from .natural import Natural
 from .options import RobustDistillOptions, RRMOptions
-from .registry import build, cacheable, check, get, make_objective, names, step_cost
+from .registry import build, cache_refusal, cacheable, check, get, make_objective, names, step_cost
 from .robust_distillation import ARD, RSLAD, AdaAD, RobustDistillation
 from .rrm import RRM
 from .targets import TeacherTargets
@@ -26,4 +26,4 @@ __all__ = ["Objective", "ObjectiveBase", "as_objective", "unwrap", "warmup_scale
            "FreeInputs", "NoisyInputs", "Mismatch", "distillation_loss", "feature_loss", "kl_divergence", "ARD",
            "RSLAD", "AdaAD", "RobustDistillation", "RRM", "TeacherTargets", "AdversarialTraining", "Distillation",
            "FreeAdversarialTraining", "Natural", "Method", "Parts", "Cost", "RRMOptions", "RobustDistillOptions",
-           "build", "cacheable", "check", "get", "make_objective", "names", "step_cost"]
+           "build", "cache_refusal", "cacheable", "check", "get", "make_objective", "names", "step_cost"]

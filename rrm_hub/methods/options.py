@@ -97,10 +97,17 @@ class RRMOptions:
                 raise RRMError(NOT_WITH_NFGSM)
             if not carried and self.attack == "free":
                 raise RRMError(FREE_NEEDS_MEMORY)
-        if cached and pairs:
-            raise RRMError("--cache-teacher keeps one teacher layer; drop --match or --cache-teacher")
-        if cached and self.match_on != "clean" and self.resolved_teacher_input == "matched":
-            raise RRMError(CLEAN_ONLY.format(match_on=self.match_on))
+        if cached and (refusal := self.targets_refusal(pairs)):
+            raise RRMError(refusal)
+
+    def targets_refusal(self, pairs: int = 0) -> str | None:
+        """Why a cache of the teacher's outputs on clean images cannot give these options' targets (None where it
+        can): one teacher layer, the teacher on the clean image."""
+        if pairs:
+            return "--cache-teacher keeps one teacher layer; drop --match or --cache-teacher"
+        if self.match_on != "clean" and self.resolved_teacher_input == "matched":
+            return CLEAN_ONLY.format(match_on=self.match_on)
+        return None
 
     def objective_options(self) -> dict:
         """These options as `rrm_hub.RRM` keyword arguments."""

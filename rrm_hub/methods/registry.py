@@ -41,15 +41,23 @@ def cacheable() -> tuple[str, ...]:
     return tuple(name for name, method in METHODS.items() if method.cache == "can")
 
 
+def cache_refusal(name: str, options: RRMOptions, pairs: int = 0) -> str | None:
+    """Why a `TeacherCache` of the teacher's clean outputs cannot serve method `name` with these options (None where
+    it can): the method reads one, and the options' targets are the teacher's on the clean image, at one layer."""
+    if get(name).cache == "no":
+        served = ", ".join(n for n in cacheable() if "distill" in METHODS[n].offered_by)
+        return (f"--cache-teacher holds the teacher's outputs on clean images: it serves --method {served}, "
+                f"not {name} (drop --cache-teacher)")
+    return options.targets_refusal(pairs)
+
+
 def check(name: str, options: RRMOptions, *, cached: bool = False, pairs: int = 0,
           match_start: str = "random") -> None:
     """The rules of a run of method `name` with these options: a teacher cache only where one serves, then the
     method's own rules across its options."""
     method = get(name)
-    if cached and method.cache == "no":
-        served = ", ".join(n for n in cacheable() if "distill" in METHODS[n].offered_by)
-        raise RRMError(f"--cache-teacher holds the teacher's outputs on clean images: it serves --method {served}, "
-                       f"not {name} (drop --cache-teacher)")
+    if cached and (refusal := cache_refusal(name, options, pairs)):
+        raise RRMError(refusal)
     method.check(options, cached=cached, pairs=pairs, carried=method.carries(options, match_start))
 
 

@@ -184,9 +184,6 @@ def teacher_cache(teacher: nn.Module, layer: str, images: ImageData, batch_size:
                   num_workers: int | None, accelerator: Accelerator):
     """The `TeacherCache` of the teacher's outputs on the clean training images, on the training device. The main
     process reads or builds and saves it first; the other processes then read its file."""
-    if images.augment == "timm" or images.streaming:
-        raise RRMError("--cache-teacher needs the training images on disk and unaugmented, not streamed or "
-                       "randomly cropped: drop --streaming, add --augment none, or drop --cache-teacher")
     with accelerator.main_process_first():
         cache = load_or_build(teacher, layer, images, batch_size, revision=revision, num_workers=num_workers,
                               log=accelerator.print)
