@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. the suite at each epsilon, worst case per example, and the gradient-masking checks
     result = evaluate_suite(model, loader, eps, config.norm, config.suite, sweep=config.eps_sweep or (),
-                            steps=config.steps, checks=None if config.no_checks else MaskingChecks(),
-                            accelerator=accelerator, seed=config.seed)
+                            steps=config.steps, restarts=config.restarts,
+                            checks=None if config.no_checks else MaskingChecks(), accelerator=accelerator,
+                            seed=config.seed)
     for log in images.unreadable.values():
         if line := log.line():
             print(line)

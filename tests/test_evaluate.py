@@ -64,6 +64,15 @@ def test_our_pgd_agrees_with_textbook_pgd_and_autoattack_is_stronger(undefended,
     assert apgd["apgd"] <= ours + 0.02
 
 
+def test_pgd_restarts_count_an_image_robust_only_if_every_start_failed(undefended, loader):
+    one, three = (evaluate_suite(undefended, loader, 0.05, steps=5, restarts=r, checks=None)["robust_accuracy"]
+                  for r in (1, 3))
+    assert set(three) == {"pgd5x3", WORST_CASE} and 0.2 < one["pgd5"] < 0.9
+    assert three[WORST_CASE] <= one[WORST_CASE]
+    result = run_here(["recipes/evaluate.py", "--suite", "standard", "--restarts", "5"])
+    assert result.returncode == 2 and "--restarts are for --suite pgd" in result.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize("kind,norm,eps", [("apgd-ce", "linf", 0.1), ("apgd-t", "l2", 1.0), ("square", "linf", 0.1),
                                            ("fab-t", "linf", 0.1)])
 def test_autoattack_parts_stay_in_the_ball_and_leave_the_model_alone(undefended, loader, kind, norm, eps):

@@ -17,7 +17,7 @@ from .sections import DataConfig, EvaluatedModel, TeacherConfig
 DEFAULT_EPS = {"linf": 0.3, "l2": 2.0}
 """The usual MNIST threat models."""
 EPS_RULE = "--eps must be > 0 and --eps-sweep values >= 0"
-COUNT_RULE = "--batch-size, --n-examples and --steps must be >= 1"
+COUNT_RULE = "--batch-size, --n-examples, --steps and --restarts must be >= 1"
 
 
 @dataclass
@@ -32,6 +32,8 @@ class EvaluateConfig(RunConfig):
                                             "epsilon curve", nargs="+", ge=0, error=EPS_RULE)
     suite: Suite = setting("pgd", SUITE_HELP)
     steps: int | None = setting(None, "iterations of PGD (--suite pgd; default 20)", ge=1, error=COUNT_RULE)
+    restarts: int = setting(1, "random starts of PGD (--suite pgd); an image counts as robust only if every start "
+                            "failed", ge=1, error=COUNT_RULE)
     no_checks: bool = setting(False, "skip the gradient-masking checks")
     n_examples: int | None = setting(None, "first N test images (default: all)", ge=1, error=COUNT_RULE)
     batch_size: int = setting(256, "per process", ge=1, error=COUNT_RULE)
@@ -46,7 +48,7 @@ class EvaluateConfig(RunConfig):
     def check_rules(self) -> None:
         if self.resolved_eps <= 0:
             raise RRMError(EPS_RULE)
-        check_steps(self.suite, self.steps)
+        check_steps(self.suite, self.steps, self.restarts)
         if (self.no_pr or self.dry_run) and not self.push_results:
             raise RRMError("--no-pr and --dry-run go with --push-results; add it or drop them")
         if self.push_results and not self.dry_run and not is_hub_id(self.model.name):

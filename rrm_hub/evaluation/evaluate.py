@@ -97,6 +97,7 @@ def evaluate_suite(
     *,
     sweep: Iterable[float] = (),
     steps: int | None = None,
+    restarts: int = 1,
     checks: MaskingChecks | None = DEFAULT_CHECKS,
     accelerator: Accelerator | None = None,
     seed: int = 0,
@@ -115,7 +116,7 @@ def evaluate_suite(
     if eps <= 0:
         raise RRMError(f"eps must be > 0 for a robustness evaluation, got {eps}")
     epsilons = sorted({float(eps), *(float(e) for e in sweep if e > 0)})
-    suites = {e: attack_suite(suite, e, norm, steps, seed) for e in epsilons}
+    suites = {e: attack_suite(suite, e, norm, steps, seed, restarts) for e in epsilons}
     attacks = {f"{name}@{e:g}": attack for e, members in suites.items() for name, attack in members.items()}
     autoattack = suite in AUTOATTACK_VERSIONS
     hits = attack_hits(model, loader, attacks, accelerator, desc=f"{suite} {norm} eps={eps:g}")

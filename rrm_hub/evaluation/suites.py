@@ -175,19 +175,22 @@ class AutoAttackPart:
         return x_adv.detach()
 
 
-def check_steps(suite: str, steps: int | None) -> None:
-    """Only PGD takes a number of steps: AutoAttack's versions keep their own settings."""
-    if suite in AUTOATTACK_VERSIONS and steps is not None:
-        raise RRMError(f"AutoAttack's {suite} version has fixed settings; --steps / --eval-steps are for --suite pgd")
+def check_steps(suite: str, steps: int | None, restarts: int = 1) -> None:
+    """Only PGD takes a number of steps and restarts: AutoAttack's versions keep their own settings."""
+    if suite in AUTOATTACK_VERSIONS and (steps is not None or restarts > 1):
+        raise RRMError(f"AutoAttack's {suite} version has fixed settings; --steps / --eval-steps and --restarts are "
+                       "for --suite pgd")
 
 
-def attack_suite(suite: str, eps: float, norm: str = "linf", steps: int | None = None, seed: int = 0) -> dict:
-    """The attacks of `suite`: `pgd` is PGD-`steps` (default 20); AutoAttack's versions run with their own settings."""
+def attack_suite(suite: str, eps: float, norm: str = "linf", steps: int | None = None, seed: int = 0,
+                 restarts: int = 1) -> dict:
+    """The attacks of `suite`: `pgd` is PGD-`steps` (default 20), the worst of `restarts` random starts per image;
+    AutoAttack's versions run with their own settings."""
     if suite == "pgd":
-        attack = pgd(eps, norm, steps or 20)
+        attack = pgd(eps, norm, steps or 20, restarts)
         return {attack.name: attack}
     if suite in AUTOATTACK_VERSIONS:
-        check_steps(suite, steps)
+        check_steps(suite, steps, restarts)
         run = AutoAttackRun(suite, eps, norm, seed)
         return {run.name: run}
     raise RRMError(f"unknown suite '{suite}'; use one of {', '.join(SUITES)}")
