@@ -63,6 +63,8 @@ def test_adversarial_training_recipe_writes_a_teacher_folder(tmp_path, method, n
     assert teacher.num_classes == 10 and teacher(torch.rand(1, 1, 28, 28)).shape == (1, 10)
     card = (out / "README.md").read_text()
     assert "recipes/adversarial_train.py" in card and named in card and attack in card
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]  # ours, not timm's a1_in1k weights'
+    assert cfg["input_size"] == [1, 28, 28] and not {"tag", "paper_ids", "test_input_size"} & set(cfg)
 
 
 @pytest.mark.slow

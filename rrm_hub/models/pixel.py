@@ -145,8 +145,19 @@ def create_pixel_model(
     return PixelModel(model, preprocess_for(model), label_names, source=architecture)
 
 
+TIMM_WEIGHT_FACTS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "origin_url", "paper_ids", "paper_name",
+                     "notes", "license", "custom_load", "test_input_size", "test_crop_pct")
+"""The `pretrained_cfg` keys that describe timm's own published weights (which tag, paper, license, test size): not
+true of weights we trained, so a folder we write leaves them out."""
+
+
+def trained_cfg(pretrained_cfg: dict) -> dict:
+    """A timm `pretrained_cfg` for weights trained here: the input, normalization and head, not timm's weight facts."""
+    return {key: value for key, value in pretrained_cfg.items() if key not in TIMM_WEIGHT_FACTS}
+
+
 def save_timm_folder(model: nn.Module, folder: str, model_args: dict, label_names: list[str] | None = None) -> None:
-    """Write `config.json` + `model.safetensors` the way timm pushes to the Hub.
+    """Write `config.json` + `model.safetensors` the way timm pushes to the Hub, for weights trained here.
 
     `num_classes` stays out of `model_args` (transformers' timm wrapper passes it separately).
     """
@@ -156,6 +167,7 @@ def save_timm_folder(model: nn.Module, folder: str, model_args: dict, label_name
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     config.get("model_args", {}).pop("num_classes", None)
+    config["pretrained_cfg"] = trained_cfg(config.get("pretrained_cfg", {}))
     path.write_text(json.dumps(config, indent=2))
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import RRMError, RRMLoadError, hub_errors
 from . import align
 from .features import FeatureTap, classifier_name, pool
-from .pixel import PixelPreprocess, create_backbone, data_config, per_channel
+from .pixel import PixelPreprocess, create_backbone, data_config, per_channel, trained_cfg
 
 HEAD_FILE = "rrm_head.safetensors"
 WEIGHTS_FILE = "model.safetensors"
@@ -227,7 +227,7 @@ class RRMStudent(nn.Module, PyTorchModelHubMixin, library_name="timm", tags=["rr
         with torch.no_grad():
             classifier.weight.copy_(self.head.weight @ self.proj.weight)
             classifier.bias.copy_(self.head.weight @ self.proj.bias + self.head.bias)
-        model.pretrained_cfg = {**model.pretrained_cfg, **self.config["pretrained_cfg"]}
+        model.pretrained_cfg = {**trained_cfg(model.pretrained_cfg), **self.config["pretrained_cfg"]}
         return model.eval()
 
     def _save_pretrained(self, save_directory: Path) -> None:
