@@ -266,6 +266,29 @@ def test_recipe_writes_metrics_and_plot(tmp_path, small_model):
     assert "worst_case" in result.stdout and "check black_box" in result.stdout
 
 
+@pytest.mark.slow
+def test_autoattack_alone_agrees_with_the_standard_suite(tmp_path, small_model, mnist):
+    """recipes/autoattack_alone.py (pyautoattack on the bare timm model, no rrm-hub code) and recipes/evaluate.py
+    --suite standard give the same figure on the same images: the cross-check a teacher card's number gets."""
+    from .test_idx import write_idx
+
+    x, y = next(iter(make_loader(mnist, "test", 48, limit=48)))
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    for part in ("train", "t10k"):
+        write_idx(digits / f"{part}-images-idx3-ubyte", (x[:, 0] * 255).round().numpy())
+        write_idx(digits / f"{part}-labels-idx1-ubyte", y.numpy())
+    alone = run_recipe(["recipes/autoattack_alone.py", "--model", str(small_model), "--idx", str(digits),
+                        "--n-examples", "48", "--eps", "0.05", "--output", str(tmp_path / "alone.json")])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ours = run_here(["recipes/evaluate.py", "--model", str(small_model), "--dataset", str(digits), "--suite",
+                     "standard", "--eps", "0.05", "--no-checks", "--output-dir", str(tmp_path / "ours")])
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    alone, ours = (json.loads(p.read_text()) for p in (tmp_path / "alone.json", tmp_path / "ours" / "metrics.json"))
+    assert alone["clean_accuracy"] == pytest.approx(ours["clean_accuracy"]) and ours["num_examples"] == 48
+    assert 0 < alone["clean_accuracy"] and abs(alone["robust_accuracy"] - ours["robust_accuracy"][WORST_CASE]) <= 2 / 48
+
+
 def test_push_results_writes_the_numbers_into_the_models_own_card(tmp_path, small_model):
     """--push-results --dry-run on a model in the Hugging Face cache: its card keeps what it had and gains the
     measured model-index results; without --dry-run, offline, a one-line error."""
