@@ -22,7 +22,7 @@ from rrm_hub import (
     pgd,
 )
 
-from .conftest import load_recipe, put_in_hub_cache
+from .conftest import load_recipe, put_in_hub_cache, run_here
 
 
 def test_bundled_teacher_is_frozen_and_robust(teacher, mnist):
@@ -368,3 +368,29 @@ def test_rrm_recipe_with_a_robustness_checkpoint(robust_checkpoints, tmp_path):
     metrics = _run_rrm(spec, tmp_path / "out")
     assert metrics["teacher"] == spec and metrics["steps"] == 2
     assert metrics["teacher_layer"] == "fc@input" and metrics["feature_dim"] == 512
+
+
+@pytest.mark.slow
+def test_the_fashion_mnist_teacher_says_what_it_is_and_its_setups_run(tmp_path):
+    """The bundled Fashion-MNIST teacher: its classes, the data and AutoAttack figure its card states, and the two
+    setups that name it (recipes/configs/rrm-fashion-mnist*.yaml) taking a step on an IDX folder of the same shape
+    (the real set is not needed)."""
+    from rrm_hub.data.idx import FASHION
+    from rrm_hub.teachers.load import BUNDLED
+
+    from .test_idx import idx_folder
+
+    teacher = load_teacher("default-fashion-mnist")
+    assert teacher.label_names == FASHION and teacher(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    folder = BUNDLED["default-fashion-mnist"][0]
+    card, metrics = (folder / "README.md").read_text(), json.loads((folder / "metrics.json").read_text())
+    assert "- zalando-datasets/fashion_mnist" in card and metrics["suite"] == "standard" and metrics["eps"] == 0.1
+    assert metrics["num_examples"] >= 1000 and f"value: {metrics['robust_accuracy']['worst_case']:.3g}" in card
+    idx_folder(tmp_path / "clothes", n_train=16, n_test=8, size=28)
+    for setup in ("rrm-fashion-mnist.yaml", "rrm-fashion-mnist-5k.yaml"):
+        out = tmp_path / setup
+        result = run_here(["recipes/rrm.py", "--config", f"recipes/configs/{setup}", "--dataset",
+                           str(tmp_path / "clothes"), "--max-steps", "1", "--epoch-eval-examples", "0",
+                           "--eval-examples", "8", "--sweep-examples", "8", "--no-checks", "--output-dir", str(out)])
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads((out / "metrics.json").read_text())["teacher"] == BUNDLED["default-fashion-mnist"][1]

@@ -63,7 +63,8 @@ class ModelSource:
 
     FLAGS: ClassVar[dict[str, str]] = {}
     name: str | None = setting(None, "Hub id (org/name), hf://org/repo/file, robustbench:[DATASET/THREAT/]NAME, "
-                               "folder, weight file or timm architecture (default: the bundled MNIST teacher)")
+                               "folder, weight file, timm architecture or a bundled teacher: default (MNIST, L-inf, "
+                               "the default), default-l2, default-fashion-mnist")
     revision: str | None = setting(None, "Hub revision")
     checkpoint: str | None = setting(None, "weights (.safetensors/.ckpt/.pt path or hf://org/repo/path/in/repo) "
                                      "for the architecture named by the model spec or its --arch")

@@ -38,9 +38,13 @@ DEFAULT_TEACHER = ASSETS / "mnist-robust-resnet"
 """The bundled teacher: a PGD-trained ResNet (L-inf eps 0.3) of the 54,152 MNIST training digits the embedded 5,000 do
 not hold."""
 L2_TEACHER = ASSETS / "mnist-robust-resnet-l2"
-"""`load_teacher("default-l2")`: the same ResNet trained the same way at L2 eps 2.0."""
+"""`load_teacher("default-l2")`: a narrower PGD-trained ResNet at L2 eps 2.0, of the embedded digits (its card)."""
+FASHION_TEACHER = ASSETS / "fashion-mnist-robust-resnet"
+"""`load_teacher("default-fashion-mnist")`: the L-inf teacher's ResNet, PGD-trained at L-inf eps 0.1 on Fashion-MNIST's
+60,000 training images."""
 BUNDLED = {"default": (DEFAULT_TEACHER, "rrm-hub bundled MNIST teacher"),
-           "default-l2": (L2_TEACHER, "rrm-hub bundled MNIST teacher (L2)")}
+           "default-l2": (L2_TEACHER, "rrm-hub bundled MNIST teacher (L2)"),
+           "default-fashion-mnist": (FASHION_TEACHER, "rrm-hub bundled Fashion-MNIST teacher")}
 """The teachers that ship inside the package, by the name --teacher takes."""
 
 HF_URL = "hf://"
