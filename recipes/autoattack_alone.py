@@ -70,12 +70,18 @@ def main() -> None:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # AutoAttack's own log: accuracy after each attack
 
-    folder = Path(args.model)
+    folder, idx = Path(args.model), Path(args.idx)
+    for path in (folder / "config.json", folder / "model.safetensors"):
+        if not path.is_file():
+            parser.error(f"--model {args.model}: no {path.name} there; give a timm folder")
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        if not any((idx / name).is_file() for name in (stem, f"{stem}.gz")):
+            parser.error(f"--idx {args.idx}: no {stem}[.gz] there; give an MNIST-family IDX folder")
     config = json.loads((folder / "config.json").read_text())
     net = timm.create_model(config["architecture"], num_classes=config["num_classes"], **config["model_args"])
     net.load_state_dict(load_file(folder / "model.safetensors"))
     model = Normalized(net, config["pretrained_cfg"]["mean"], config["pretrained_cfg"]["std"]).eval()
-    x, y = test_images(Path(args.idx), args.start, args.n_examples)
+    x, y = test_images(idx, args.start, args.n_examples)
     started = time.perf_counter()
     attack = AutoAttack(model, norm="Linf", eps=args.eps, version=args.version, seed=args.seed)
     x_adv, y_adv = attack.run_standard_evaluation(x, y, batch_size=args.batch_size)
