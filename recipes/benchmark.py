@@ -8,7 +8,8 @@ seconds spent so far, and writes to --output-dir: benchmark.json (stable keys:
 methods.<name>.seconds_per_step, .time_to_target_seconds, .robust_accuracy, .clean_accuracy, ...),
 benchmark.md (a table) and benchmark.png (robust accuracy versus wall-clock seconds).
 Time-to-target: seconds until a method's per-epoch check first reaches --target (default: --target-fraction of
-PGD-AT's final robust accuracy).
+PGD-AT's final robust accuracy). Each finished method's result is kept in OUTPUT_DIR/methods/: a stopped benchmark,
+run again with the same settings, skips the methods it finished (their timings are from the earlier process).
 
 rrm_cached matches on the clean images with the teacher's outputs computed once before training (a
 `TeacherCache`, built fresh here: its seconds count in its total and its curve, not in its seconds per step);
@@ -19,20 +20,25 @@ stated against natural training on the same unaugmented images (natural_pad0, ru
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rrm_hub import cli
 from rrm_hub.errors import one_line_errors
 from rrm_hub.hub.cards import plot_curves, save_json
 from rrm_hub.runs import builders
-from rrm_hub.runs.benchmark import BenchmarkConfig, markdown_table, report, run_benchmark, summarize
+from rrm_hub.runs.benchmark import (
+    BenchmarkConfig,
+    markdown_table,
+    output_folder,
+    report,
+    run_benchmark,
+    summarize,
+)
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     config = cli.parse(BenchmarkConfig, argv, description=__doc__).resolved()
     accelerator = builders.make_accelerator(config.training)
-    output_dir = Path(config.training.output_dir or "benchmark")
+    output_dir = output_folder(config)
 
     results, images = run_benchmark(config, accelerator)  # each method trains a fresh student, then is measured
     target = summarize(results, config.target, config.target_fraction, images.num_classes)

@@ -68,6 +68,15 @@ def test_benchmark_rrm_with_a_cached_teacher_counts_the_cache(tmp_path):
     rrm = report["methods"]["rrm"]
     assert rrm["cache_build_seconds"] > 0 and rrm["total_seconds"] >= rrm["cache_build_seconds"]
     assert "cache_build_seconds" not in report["methods"]["natural"]
+    # run again, as after a stop: the finished methods are read back, not retrained; other settings retrain
+    args = ["--epochs", "1", "--max-steps", "2", "--epoch-eval-examples", "16", "--eval-examples", "16", "--student",
+            "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--output-dir", str(tmp_path)]
+    again = _recipe("benchmark").main(["--methods", "rrm", "natural", "--cache-teacher", "--pad", "0", *args])
+    assert again["methods"]["rrm"] == report["methods"]["rrm"] and list(again["methods"]) == ["rrm", "natural"]
+    other = _recipe("benchmark").main(["--methods", "natural", "--pad", "0", "--lr", "1e-4", *args])
+    assert other["methods"]["natural"]["curve"] != report["methods"]["natural"]["curve"]
+    saved = json.loads((tmp_path / "methods" / "natural.json").read_text())
+    assert saved["settings"]["training"]["lr"] == 1e-4 and "methods" not in saved["settings"]
 
 
 def test_unknown_method_is_refused():

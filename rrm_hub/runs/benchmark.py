@@ -4,6 +4,7 @@ robustness over wall-clock time (`recipes/benchmark.py`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from .. import settings
 from ..attacks import pgd
 from ..config.runs import (
     RECIPE_RRM,
@@ -26,7 +28,7 @@ from ..config.runs import (
 )
 from ..data.images import ImageData
 from ..evaluation.evaluate import evaluate
-from ..hub.cards import hardware
+from ..hub.cards import hardware, save_json
 from ..methods.memory import PerturbationMemory
 from ..methods.registry import cacheable, make_objective, names
 from ..models.features import default_layer, feature_width
@@ -48,6 +50,8 @@ UNAUGMENTED = ("rrm_cached", REFERENCE)
 CACHEABLE = cacheable()
 """The methods that --cache-teacher serves (their teacher sees the clean images only)."""
 BenchmarkMethod = Literal[names("benchmark")]
+FINISHED = "methods"
+"""Under the output folder: each finished method's result with the settings it ran under (a rerun skips it)."""
 
 
 @dataclass
@@ -112,6 +116,11 @@ def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData
         methods.insert(methods.index("rrm_cached"), REFERENCE)
     results = {}
     for method in methods:
+        record = output_folder(config) / FINISHED / f"{method}.json"
+        if (earlier := finished(record, config)) is not None:
+            accelerator.print(f"--- {method}: finished earlier under the same settings ({record})")
+            results[method] = earlier
+            continue
         accelerator.print(f"--- {method}")
         cache, cache_seconds = None, 0.0
         if method == "rrm_cached" or (method in CACHEABLE and config.rrm.cache_teacher):
@@ -121,7 +130,34 @@ def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData
             cache_seconds = time.perf_counter() - started
         results[method] = run_method(method, config, images, teacher, teacher_layer, feature_dim, accelerator,
                                      cache, cache_seconds)
+        if accelerator.is_main_process:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            save_json({"settings": method_settings(config), "result": results[method]}, record)
     return results, images
+
+
+def output_folder(config: BenchmarkConfig) -> Path:
+    return Path(config.training.output_dir or "benchmark")
+
+
+def method_settings(config: BenchmarkConfig) -> dict:
+    """What one method's result depends on: every setting but the list of methods and where the run writes."""
+    data = json.loads(json.dumps(settings.to_dict(config), default=str))  # as the record stores it
+    data.pop("methods")
+    data["training"].update(output_dir=None, resume=None, overwrite_output_dir=False)
+    return data
+
+
+def finished(record: Path, config: BenchmarkConfig) -> dict | None:
+    """A method's result from an earlier run of the benchmark with the same settings (None: run it). Its timings
+    are that run's: a benchmark stopped and rerun compares methods timed in different processes."""
+    if not record.is_file():
+        return None
+    try:
+        saved = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return None  # cut short while written: run the method again
+    return saved.get("result") if saved.get("settings") == method_settings(config) else None
 
 
 def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_layer, feature_dim, accelerator,
@@ -152,7 +188,7 @@ def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_la
     if hasattr(objective, "remove"):  # the hooks on the teacher, which the next method's objective shares
         objective.remove()
     if config.save_students and accelerator.is_main_process:
-        student.save_pretrained(Path(config.training.output_dir or "benchmark") / "students" / method)
+        student.save_pretrained(output_folder(config) / "students" / method)
     final = evaluate(student, test_loader(images, training.batch_size, config.eval.eval_examples),
                      {"pgd20": pgd(config.eval.eps, config.eval.norm, 20)}, accelerator, desc=f"{method} pgd20")
     curve = [{"seconds": round(h["seconds"] + cache_seconds, 2), "robust": h["pgd10"], "clean": h["clean"]}
