@@ -126,15 +126,17 @@ def test_pixel_hashes_find_shared_images_whatever_file_they_came_in(tmp_path, mn
     assert sorted(saved.tolist()) == sorted(train.tolist()) and metadata["dataset"] == "digits"
 
 
-def test_the_bundled_teacher_never_saw_a_digit_of_the_embedded_set():
-    """The bundled L-inf teacher learned from MNIST training digits the embedded 5,000 do not hold; it ships its
-    training images' pixel hashes, checked here against the embedded digits (no MNIST download needed)."""
-    from rrm_hub.teachers.load import DEFAULT_TEACHER
+def test_the_bundled_teachers_never_saw_a_digit_of_the_embedded_set():
+    """The bundled MNIST teachers (L-inf and L2) learned from MNIST training digits the embedded 5,000 do not hold;
+    each ships its training images' pixel hashes, checked here against the embedded digits (no MNIST download)."""
+    from rrm_hub.teachers.load import DEFAULT_TEACHER, L2_TEACHER
 
     embedded = provenance.dataset_hashes("mnist-5k")
     assert sum(len(h) for h in embedded.values()) == 5000
-    shipped, metadata = provenance.load_hashes(DEFAULT_TEACHER)
-    assert len(shipped) == 54152 and metadata["split"] == "train[5848:]" and metadata["disjoint_from"] == "mnist-5k"
-    provenance.check_disjoint(shipped, embedded, "mnist-5k")  # raises on any shared digit
+    for teacher in (DEFAULT_TEACHER, L2_TEACHER):
+        shipped, metadata = provenance.load_hashes(teacher)
+        assert len(shipped) == 54152 and metadata["split"] == "train[5848:]"
+        assert metadata["disjoint_from"] == "mnist-5k"
+        provenance.check_disjoint(shipped, embedded, "mnist-5k")  # raises on any shared digit
     with pytest.raises(RRMError, match="mnist-5k"):  # and the check can fail: the embedded digits against themselves
         provenance.check_disjoint(np.concatenate(list(embedded.values())), embedded, "mnist-5k")

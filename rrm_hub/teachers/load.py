@@ -38,7 +38,7 @@ DEFAULT_TEACHER = ASSETS / "mnist-robust-resnet"
 """The bundled teacher: a PGD-trained ResNet (L-inf eps 0.3) of the 54,152 MNIST training digits the embedded 5,000 do
 not hold."""
 L2_TEACHER = ASSETS / "mnist-robust-resnet-l2"
-"""`load_teacher("default-l2")`: a narrower PGD-trained ResNet at L2 eps 2.0, of the embedded digits (its card)."""
+"""`load_teacher("default-l2")`: the same ResNet, PGD-trained at L2 eps 2.0 on the same 54,152 digits (its card)."""
 FASHION_TEACHER = ASSETS / "fashion-mnist-robust-resnet"
 """`load_teacher("default-fashion-mnist")`: the L-inf teacher's ResNet, PGD-trained at L-inf eps 0.1 on Fashion-MNIST's
 60,000 training images."""
