@@ -297,17 +297,16 @@ def test_autoattack_alone_agrees_with_the_standard_suite(tmp_path, trained_model
     --suite standard give the same figure on the same images: the cross-check a teacher card's number gets."""
     from .test_idx import write_idx
 
-    small_model = trained_model
     x, y = next(iter(make_loader(mnist, "test", 48, limit=48)))
     digits = tmp_path / "digits"
     digits.mkdir()
     for part in ("train", "t10k"):
         write_idx(digits / f"{part}-images-idx3-ubyte", (x[:, 0] * 255).round().numpy())
         write_idx(digits / f"{part}-labels-idx1-ubyte", y.numpy())
-    alone = run_recipe(["recipes/autoattack_alone.py", "--model", str(small_model), "--idx", str(digits),
+    alone = run_recipe(["recipes/autoattack_alone.py", "--model", str(trained_model), "--idx", str(digits),
                         "--n-examples", "48", "--eps", "0.05", "--output", str(tmp_path / "alone.json")])
     assert alone.returncode == 0, alone.stderr[-3000:]
-    ours = run_here(["recipes/evaluate.py", "--model", str(small_model), "--dataset", str(digits), "--suite",
+    ours = run_here(["recipes/evaluate.py", "--model", str(trained_model), "--dataset", str(digits), "--suite",
                      "standard", "--eps", "0.05", "--no-checks", "--output-dir", str(tmp_path / "ours")])
     assert ours.returncode == 0, ours.stderr[-3000:]
     alone, ours = (json.loads(p.read_text()) for p in (tmp_path / "alone.json", tmp_path / "ours" / "metrics.json"))

@@ -114,10 +114,10 @@ def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData
     augmented = config.data.pad or config.data.hflip
     if "rrm_cached" in methods and augmented and REFERENCE not in methods:  # just before it
         methods.insert(methods.index("rrm_cached"), REFERENCE)
-    results = {}
+    results, settings_now = {}, method_settings(config)
     for method in methods:
         record = output_folder(config) / FINISHED / f"{method}.json"
-        if (earlier := finished(record, config)) is not None:
+        if (earlier := finished(record, settings_now)) is not None:
             accelerator.print(f"--- {method}: finished earlier under the same settings ({record})")
             results[method] = earlier
             continue
@@ -132,11 +132,12 @@ def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData
                                      cache, cache_seconds)
         if accelerator.is_main_process:
             record.parent.mkdir(parents=True, exist_ok=True)
-            save_json({"settings": method_settings(config), "result": results[method]}, record)
+            save_json({"settings": settings_now, "result": results[method]}, record)
     return results, images
 
 
 def output_folder(config: BenchmarkConfig) -> Path:
+    """Where the benchmark writes: --output-dir, or ./benchmark."""
     return Path(config.training.output_dir or "benchmark")
 
 
@@ -148,8 +149,9 @@ def method_settings(config: BenchmarkConfig) -> dict:
     return data
 
 
-def finished(record: Path, config: BenchmarkConfig) -> dict | None:
-    """A method's result from an earlier run of the benchmark with the same settings (None: run it). Its timings
+def finished(record: Path, settings_now: dict) -> dict | None:
+    """A method's result from an earlier run of the benchmark with the same settings (`method_settings`; None: run
+    it). Its timings
     are that run's: a benchmark stopped and rerun compares methods timed in different processes."""
     if not record.is_file():
         return None
@@ -157,7 +159,9 @@ def finished(record: Path, config: BenchmarkConfig) -> dict | None:
         saved = json.loads(record.read_text())
     except json.JSONDecodeError:
         return None  # cut short while written: run the method again
-    return saved.get("result") if saved.get("settings") == method_settings(config) else None
+    if not isinstance(saved, dict) or saved.get("settings") != settings_now:
+        return None
+    return saved.get("result")
 
 
 def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_layer, feature_dim, accelerator,
