@@ -13,10 +13,11 @@ Equal compute: with `--budget N` each run trains N natural-step epochs' worth, i
 (`rrm_hub.methods.step_cost`), a teacher forward counted at its measured cost relative to the student's
 (`--teacher-ratio`, measured once per student). Equal tuning: every variant runs at each of `--lrs` (first seed),
 then at its best rate for the other `--seeds`; PGD-20 screens, and `--final-suite` (AutoAttack) measures the best
-rate's runs on `--final-examples` test images. Runs go in parallel (`--jobs`); each writes its folder under
-`--output-dir`, and a run whose folder already holds its result for the same command is not run again (a stopped
-study resumes). The study writes study.json, study.md (every run, then each variant at its best rate: mean over
-seeds and difference from the twin), study.png (robust accuracy versus training seconds) and contribution.png.
+rate's runs (of `--final-variants`, default all) on `--final-examples` test images. Runs go in parallel
+(`--jobs`); each writes its folder under `--output-dir`, and a run whose folder already holds its result for the
+same command is not run again (a stopped study resumes). The study writes study.json, study.md (every run, then
+each variant at its best rate: mean over seeds and difference from the twin), study.png (robust accuracy versus
+training seconds) and contribution.png.
 """
 
 from __future__ import annotations
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [v for v in config.variants if v not in known]
     if unknown:
         raise RRMError(f"unknown variant(s) {', '.join(unknown)}; see --list")
+    unstudied = [v for v in config.final_variants or [] if v not in config.variants]
+    if unstudied:
+        raise RRMError(f"--final-variants {' '.join(unstudied)}: not in --variants; add it there or drop it")
     output_dir = Path(config.output_dir)
     ratios = teacher_ratios(config.variants, known, config) if config.budget else {}
 
@@ -299,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                           for seed in rest]))
         if config.final_suite != "none":  # 3. the final suite on the best rate's runs
             best = report.best_lrs(rows)
-            chosen = [i for i, r in enumerate(rows) if "error" not in r and r["lr"] == best[r["variant"]]]
+            chosen = [i for i, r in enumerate(rows) if "error" not in r and r["lr"] == best[r["variant"]]
+                      and (config.final_variants is None or r["variant"] in config.final_variants)]
             for i, row in zip(chosen, pool.map(lambda i: run_final(rows[i], config), chosen), strict=True):
                 rows[i] = row
     summary = report.contributions(rows, config.twin)

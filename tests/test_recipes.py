@@ -181,8 +181,10 @@ def test_the_study_compares_each_variant_at_its_best_rate_with_its_teacherless_t
              if r.get("lr") == 1e-3 and r["variant"] == "vit/rslad" else r for r in rows]
     rslad, twin, _ = report.contributions(final, "atta_at")
     assert rslad["by"] == "autoattack-standard" and rslad["robust"] == pytest.approx(0.30)
-    assert rslad["teacher_contribution"] is None  # the twin was measured by PGD-20 only: not compared
-    report.plot_contributions([rslad, twin, kd], "atta_at", tmp_path / "none.png")  # no variant has a twin: no plot
+    # the twin was measured by PGD-20 only: the two are compared by their screenings
+    assert rslad["contribution_by"] == "pgd20" and rslad["teacher_contribution"] == pytest.approx(0.15)
+    assert "+15.0 points (pgd20)" in report.summary_table([rslad, twin, kd], "atta_at")
+    report.plot_contributions([twin, kd], "atta_at", tmp_path / "none.png")  # no variant has a twin: no plot
     summary = report.contributions(rows, "atta_at")
     report.plot_contributions(summary, "atta_at", tmp_path / "contribution.png")
     assert (tmp_path / "contribution.png").stat().st_size > 0 and not (tmp_path / "none.png").exists()
@@ -225,6 +227,16 @@ def test_the_study_tunes_each_variant_counts_the_teacher_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in out.rglob("*.log")} == logs
     assert json.loads((out / "study.json").read_text())["summary"] == study["summary"]
+    # the final suite on the twin only: KD is reported, and compared with the twin, by the PGD-20 screening
+    twin_only = run_here([*args[:-2], "--teacher-ratio", str(ratio), "--final-variants", "cnn/atta_at",
+                          "--output-dir", str(out)])
+    assert twin_only.returncode == 0, twin_only.stderr[-3000:]
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    assert all(("final" in r) == (r["variant"] == "cnn/atta_at" and r["lr"] == best[r["variant"]]) for r in rows)
+    kd, twin = json.loads((out / "study.json").read_text())["summary"]
+    assert (kd["by"], kd["contribution_by"], twin["by"]) == ("pgd20", "pgd20", "autoattack-standard")
+    stray = run_here([*args[:-2], "--final-variants", "cnn/rslad", "--output-dir", str(out)])
+    assert stray.returncode == 2 and "--final-variants cnn/rslad: not in --variants" in stray.stderr
 
 
 def test_a_teacher_cache_is_paid_for_up_front_in_the_study_budget(tmp_path):

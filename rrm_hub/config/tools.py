@@ -112,6 +112,8 @@ class StudyConfig(RunConfig):
         "none", "after screening: attack the runs of each variant's best learning rate with this AutoAttack version "
         "(recipes/evaluate.py)")
     final_examples: int = setting(1000, "test images of --final-suite", ge=1)
+    final_variants: list[str] | None = setting(None, "the variants --final-suite attacks (default: all; the others "
+                                               "are reported by their PGD-20 screening)", nargs="+")
     combine: list[str] | None = setting(None, "instead of running: read these studies' study.json (one per number of "
                                         "student images, --train-split train[:N]) and plot each variant's teacher "
                                         "contribution against the student's images (data-gap.json, data-gap.png)",

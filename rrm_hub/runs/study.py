@@ -36,7 +36,8 @@ def measured(row: dict) -> tuple[float, float, str]:
 def contributions(rows: list[dict], twin: str) -> list[dict]:
     """Per variant, at its best learning rate: the mean, lowest and highest robust accuracy over its seeds (the final
     suite's where every seed has it, else the screening's), and the teacher's contribution: that mean minus the same
-    student's teacherless `twin`'s (None where the twin did not run, or was measured by another suite)."""
+    student's teacherless `twin`'s (None where the twin did not run), by the suite both were measured by, else by
+    both PGD-20 screenings (`contribution_by`)."""
     best = best_lrs(rows)
     chosen = [r for r in done(rows) if r["lr"] == best[r["variant"]]]
     names = list(dict.fromkeys(r["variant"] for r in chosen))
@@ -51,8 +52,13 @@ def contributions(rows: list[dict], twin: str) -> list[dict]:
                        "highest": max(robust), "screening_robust": mean(r["robust"] for r in runs)}
     for name, s in stats.items():
         baseline = stats.get(f"{name.split('/')[0]}/{twin}")
-        comparable = baseline is not None and baseline["by"] == s["by"] and not name.endswith(f"/{twin}")
-        s["teacher_contribution"] = s["robust"] - baseline["robust"] if comparable else None
+        if baseline is None or name.endswith(f"/{twin}"):
+            s["teacher_contribution"] = s["contribution_by"] = None
+        elif baseline["by"] == s["by"]:
+            s["teacher_contribution"], s["contribution_by"] = s["robust"] - baseline["robust"], s["by"]
+        else:  # one of the two had no final suite: compared by their screenings
+            s["teacher_contribution"] = s["screening_robust"] - baseline["screening_robust"]
+            s["contribution_by"] = "pgd20"
     return list(stats.values())
 
 
@@ -83,6 +89,8 @@ def summary_table(summary: list[dict], twin: str) -> str:
              f"minus {twin} |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         delta = "-" if s["teacher_contribution"] is None else f"{s['teacher_contribution'] * 100:+.1f} points"
+        if s["teacher_contribution"] is not None and s["contribution_by"] != s["by"]:
+            delta += f" ({s['contribution_by']})"
         lines.append(f"| {s['variant']} | {s['lr']:g} | {s['seeds']} | {s['by']} | {s['clean']:.1%} | "
                      f"{s['robust']:.1%} | {s['lowest']:.1%} - {s['highest']:.1%} | {delta} |")
     return "\n".join(lines) + "\n"
@@ -121,7 +129,7 @@ def plot_contributions(summary: list[dict], twin: str, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(bars) + 1.2))
     values = [100 * s["teacher_contribution"] for s in bars]
-    ax.barh([f"{s['variant']} ({s['by']})" for s in bars], values,
+    ax.barh([f"{s['variant']} ({s['contribution_by']})" for s in bars], values,
             color=["tab:green" if v > 0 else "tab:red" for v in values])
     ax.axvline(0, color="black", lw=0.8)
     ax.invert_yaxis()
@@ -140,7 +148,8 @@ def data_gap(studies: list[dict]) -> list[dict]:
         for summary in study["summary"]:
             if summary["teacher_contribution"] is None:
                 continue
-            points.append({"variant": summary["variant"], "images": study["images"], "by": summary["by"],
+            by = summary.get("contribution_by", summary["by"])
+            points.append({"variant": summary["variant"], "images": study["images"], "by": by,
                            "robust": summary["robust"], "teacher_contribution": summary["teacher_contribution"],
                            "seeds": summary["seeds"]})
     return sorted(points, key=lambda p: (p["variant"], p["images"]))
@@ -153,7 +162,7 @@ def plot_data_gap(points: list[dict], twin: str, path: Path) -> None:
     for variant in dict.fromkeys(p["variant"] for p in points):
         mine = [p for p in points if p["variant"] == variant]
         ax.plot([p["images"] for p in mine], [100 * p["teacher_contribution"] for p in mine], marker="o",
-                label=f"{variant} ({mine[0]['by']})")
+                label=f"{variant} ({', '.join(dict.fromkeys(p['by'] for p in mine))})")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("the student's training images")
