@@ -165,6 +165,9 @@ def plot_data_gap(points: list[dict], twin: str, path: Path) -> None:
                 label=f"{variant} ({', '.join(dict.fromkeys(p['by'] for p in mine))})")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
+    sizes = sorted({p["images"] for p in points})
+    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes studied, not the powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("the student's training images")
     ax.set_ylabel(f"robust accuracy minus STUDENT/{twin}'s (points)")
     ax.grid(alpha=0.3)
