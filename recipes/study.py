@@ -82,7 +82,7 @@ def step_cost_of(recipe: str, flags: list[str], teacher_ratio: float = 1.0) -> f
     `teacher_ratio` student forwards."""
     if recipe == "rrm.py":
         run = cli.parse(DistillConfig, flags)
-        return step_cost(run.method, rrm=run.rrm, cached=run.rrm.caches(run.method, run.data),
+        return step_cost(run.method, rrm=run.rrm, cached=run.caches_teacher(),
                          ard_weight=run.robust.ard_weight, teacher_ratio=teacher_ratio)
     run = cli.parse(AdversarialTrainConfig, flags)
     return step_cost(run.method, attack_steps=run.attack_steps)
@@ -92,7 +92,7 @@ def cache_cost(recipe: str, flags: list[str], teacher_ratio: float = 1.0) -> flo
     """What a teacher cache (--cache-teacher) costs to build, in natural-step epochs: one teacher forward over the
     training images."""
     run = cli.parse(DistillConfig, flags) if recipe == "rrm.py" else None
-    if run is None or not run.rrm.caches(run.method, run.data):
+    if run is None or not run.caches_teacher():
         return 0.0
     return teacher_ratio * FORWARD
 

@@ -229,3 +229,47 @@ def test_the_l2_teacher_loads_offline_by_name():
     assert metrics["norm"] == "l2" and metrics["eps"] == 2.0 and metrics["method"] == "pgd_at"
     with torch.no_grad():
         assert teacher(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_distilling_on_mixes_attacks_and_matches_fresh_mixes(teacher, student):
+    from rrm_hub.config.runs import DistillConfig
+    from rrm_hub.methods.inputs import MixedInputs
+
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    seen = []
+
+    class Recorder:
+        perturbs, reads_clean_target, current = True, False, fgsm(0.1)
+
+        def __call__(self, model, images, y=None, origins=None, mismatch=None):
+            seen.append(images)
+            return images
+
+    adaad = make_objective("adaad", eps=0.1, norm="linf", teacher=teacher,
+                           rrm_options={"eps_warmup": 0.0}, robust_options={"distill_on": "mixup"})
+    assert isinstance(adaad.mix, MixedInputs) and adaad.mix.kind == "mixup"
+    adaad.inputs = Recorder()
+    torch.manual_seed(3)
+    loss, _ = adaad(student, x, y)
+    torch.manual_seed(3)
+    expected = MixedInputs("mixup")(student, x)
+    assert torch.allclose(seen[0], expected) and not torch.allclose(seen[0], x)  # the attack starts from the mixes
+    with torch.no_grad():
+        assert torch.allclose(loss, kl_by_hand(student(expected), teacher(expected)), atol=1e-5)
+    rslad = make_objective("rslad", eps=0.1, norm="linf", teacher=teacher, robust_options={"distill_on": "cutmix"})
+    torch.manual_seed(4)
+    assert rslad(student, x, y)[0].isfinite()
+    with pytest.raises(RRMError, match="match-start random"):
+        AdaAD(teacher, attack(), memory=PerturbationMemory(8, (1, 28, 28)), mix=MixedInputs("cutmix"))
+    config = DistillConfig()
+    config.method, config.robust.distill_on = "rrm", "mixup"
+    with pytest.raises(RRMError, match="--match-on mixup"):
+        config.validate()
+    config.method = "adaad"
+    with pytest.raises(RRMError, match="match-start random"):  # the recipe carries AdaAD's attack over epochs
+        config.validate()
+    config.method, config.rrm.match_start = "rslad", "random"
+    assert config.validate().caches_teacher() is False  # a cache would hold the training images' targets, not mixes'
+    config.rrm.cache_teacher = True
+    with pytest.raises(RRMError, match="cache-teacher"):
+        config.validate()

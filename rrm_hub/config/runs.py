@@ -204,11 +204,23 @@ class DistillConfig(RunConfig):
     preflight_steps: int = setting(150, "training steps of --preflight", ge=1)
     list_layers: bool = setting(False, "print the layers of teacher and student with their output shapes, then stop")
 
+    def caches_teacher(self, pairs: int = 0, augment: str | None = None) -> bool:
+        """Whether the run keeps a teacher cache (`RRMConfig.caches`; never for mixes, --distill-on)."""
+        return self.robust.distill_on == "training" and self.rrm.caches(self.method, self.data, pairs, augment)
+
     def check_rules(self) -> None:
         if self.preflight and self.list_layers:
             raise RRMError("--preflight and --list-layers each stop the run early; give one of them")
         matches = self.layers.matches(self.student.layer)
         self.rrm.check_run(self.data, len(matches or []), self.method)
+        on = self.robust.distill_on
+        if on != "training":
+            if self.method not in ("ard", "rslad", "adaad"):
+                raise RRMError(f"--distill-on {on} is for --method ard, rslad or adaad; for rrm use --match-on {on}")
+            if self.rrm.cache_teacher or self.rrm.carries(self.method):
+                raise RRMError(f"--distill-on {on} makes new images each step, which the teacher cache and the "
+                               "carried attack key by training image: add --match-start random (and no "
+                               "--cache-teacher)")
 
 
 @dataclass

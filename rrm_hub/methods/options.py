@@ -62,8 +62,8 @@ class RRMOptions:
                                       f"{CARRIED_STEP} with --match-start previous, else the attack's own: 1.25 for "
                                       "fgsm, 1 for n-fgsm, 2.5/steps for several steps)", flag="--match-step-size",
                                       gt=0)
-    mix_alpha: float = setting(1.0, "--match-on mixup|cutmix: each mix's share of its own image is max(l, 1 - l), "
-                               "l ~ Beta(alpha, alpha)", gt=0)
+    mix_alpha: float = setting(1.0, "--match-on / --distill-on mixup|cutmix: each mix's share of its own image is "
+                               "max(l, 1 - l), l ~ Beta(alpha, alpha)", gt=0)
     shift: int = setting(2, "--match-on shift: the largest shift, in pixels", flag="--match-shift", ge=1)
     clean_weight: float = setting(0.0, "also match on the clean images with this weight (the student runs on both)",
                                   ge=0)
@@ -123,6 +123,10 @@ class RobustDistillOptions:
     ard_weight: float = setting(1.0, "ARD's weight a of the distillation term (1 - a weighs CE on the clean images; "
                                 "the authors' default 1)", ge=0, le=1)
     ard_temperature: float = setting(30.0, "ARD's temperature (the authors' default 30)", gt=0)
+    distill_on: Literal["training", "mixup", "cutmix"] = setting(
+        "training", "the images attacked and distilled on: the training images, or a fresh mix of two of them each "
+        "step (--mix-alpha), where the teacher's soft labels say what no training label does; mixes need the teacher "
+        "live and an attack from a random start (--match-start random)")
 
 
 def matching_attack(options: RRMOptions, eps: float, norm: str, step_size: float | None) -> Attack:

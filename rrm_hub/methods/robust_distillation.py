@@ -17,7 +17,7 @@ from ..attacks import Attack
 from ..errors import RRMError
 from ..teachers.cache import TeacherCache
 from .base import Logs, ObjectiveBase, warmup_scale
-from .inputs import AttackedInputs
+from .inputs import AttackedInputs, MixedInputs
 from .losses import distillation_loss, kl_divergence
 from .memory import CARRIED_STEP, PerturbationMemory
 from .method import Cost, Method, Parts
@@ -28,14 +28,19 @@ from .targets import TeacherTargets
 class RobustDistillation(ObjectiveBase):
     """What the three share: the teacher's targets (live, or a `TeacherCache` of its clean outputs at
     `teacher_layer`), the attack (`attack_at(factor)`: the attack at `factor` times its full epsilon, ramped up over
-    `eps_warmup` of training), and a `memory` (`PerturbationMemory`) that carries each image's attack over epochs."""
+    `eps_warmup` of training), a `memory` (`PerturbationMemory`) that carries each image's attack over epochs, and
+    `mix` (`MixedInputs`): distill on mixes of two training images instead of the images themselves."""
 
     attack_loss = "ce"
 
     def __init__(self, teacher: nn.Module, attack_at: Callable[[float], Attack], *, teacher_layer: str | None = None,
                  cache: TeacherCache | None = None, memory: PerturbationMemory | None = None,
-                 eps_warmup: float = 0.0):
+                 eps_warmup: float = 0.0, mix: MixedInputs | None = None):
+        if mix is not None and (cache is not None or memory is not None):
+            raise RRMError(f"--distill-on {mix.kind} makes new images each step, which the teacher cache and the "
+                           "carried attack key by training image: add --match-start random (and no --cache-teacher)")
         self.targets = TeacherTargets(teacher, teacher_layer, cache=cache)
+        self.mix = mix
         joint = self.attack_loss == "joint"
         self.inputs = AttackedInputs(attack_at, self.attack_loss, memory, teacher if joint else None)
         self.memory, self.eps_warmup, self.uses_origins = memory, eps_warmup, memory is not None
@@ -48,6 +53,10 @@ class RobustDistillation(ObjectiveBase):
     def current(self) -> Attack:
         """The attack at the current epsilon."""
         return self.inputs.current
+
+    def views(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The images distilled on: `x`, or mixes of its images (`mix`)."""
+        return x if self.mix is None else self.mix(model, x)
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits of `x`, without a graph (looked up in the cache if there is one)."""
@@ -82,6 +91,7 @@ class ARD(RobustDistillation):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
+        x = self.views(model, x)
         target = self.teacher_logits(x)
         x_adv = self.inputs(model, x, y, origins)
         if self.weight < 1:
@@ -112,6 +122,7 @@ class RSLAD(RobustDistillation):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
+        x = self.views(model, x)
         target = self.teacher_logits(x)
         x_adv = self.inputs(model, x, y, origins, lambda logits: kl_divergence(logits, target))
         logits = model(torch.cat([x_adv, x]))
@@ -140,7 +151,7 @@ class AdaAD(RobustDistillation):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
-        x_adv = self.inputs(model, x, y, origins)
+        x_adv = self.inputs(model, self.views(model, x), y, origins)
         loss = kl_divergence(model(x_adv), self.teacher_logits(x_adv))
         return loss, {"kl_adv": loss.detach(), "eps": torch.tensor(self.current.eps)}
 
@@ -155,8 +166,10 @@ def _builder(cls: type[RobustDistillation]):
         attack_at = lambda factor: matching_attack(options, eps * factor, parts.norm, step_size)  # noqa: E731
         extra = ({"weight": parts.robust.ard_weight, "temperature": parts.robust.ard_temperature} if cls is ARD
                  else {})
+        on = parts.robust.distill_on
+        mix = None if on == "training" else MixedInputs(on, options.mix_alpha)
         return cls(parts.teacher, attack_at, teacher_layer=parts.teacher_layer, cache=parts.cache,
-                   memory=parts.memory, eps_warmup=options.eps_warmup, **extra)
+                   memory=parts.memory, eps_warmup=options.eps_warmup, mix=mix, **extra)
 
     return build
 

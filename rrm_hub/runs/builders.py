@@ -194,7 +194,7 @@ def objective_for(config: DistillConfig, teacher: Teacher, images: ImageData, ru
     """The run's objective (`--method`; RRM by default): built by the method from the parts the run provides, a
     perturbation memory (`--match-start previous`) and a teacher cache (`--cache-teacher`) among them."""
     memory = perturbation_memory(config.method, images, config.rrm, runtime.print)
-    cached = config.rrm.caches(config.method, config.data, len(teacher.pairs), images.augment)
+    cached = config.caches_teacher(len(teacher.pairs), images.augment)
     cache = (teacher_cache(teacher.model, teacher.layer, images, config.training.batch_size, config.teacher.revision,
                            config.data.num_workers, runtime.accelerator) if cached else None)
     parts = methods.Parts(eps=config.eval.eps, norm=config.eval.norm, teacher=teacher.model,
