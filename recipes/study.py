@@ -11,13 +11,13 @@ matching/MATCHING.yaml and baselines/BASELINE.yaml. Its settings become the reci
 
 Equal compute: with `--budget N` each run trains N natural-step epochs' worth, its epochs N / its step cost
 (`rrm_hub.methods.step_cost`), a teacher forward counted at its measured cost relative to the student's
-(`--teacher-ratio`, measured once per student). Equal tuning: every variant runs at each of `--lrs` (first seed),
-then at its best rate for the other `--seeds`; PGD-20 screens, and `--final-suite` (AutoAttack) measures the best
-rate's runs (of `--final-variants`, default all) on `--final-examples` test images. Runs go in parallel
-(`--jobs`); each writes its folder under `--output-dir`, and a run whose folder already holds its result for the
-same command is not run again (a stopped study resumes). The study writes study.json, study.md (every run, then
-each variant at its best rate: mean over seeds and difference from the twin), study.png (robust accuracy versus
-training seconds) and contribution.png.
+(`--teacher-ratio`, measured once per student). Equal tuning: every variant runs at each of `--lrs` and each
+`--lengths` (shares of the budget; first seed), then at its best setting for the other `--seeds`; PGD-20 screens,
+and `--final-suite` (AutoAttack) measures the best setting's runs (of `--final-variants`, default all) on
+`--final-examples` test images. Runs go in parallel (`--jobs`); each writes its folder under `--output-dir`, and a
+run whose folder already holds its result for the same command is not run again (a stopped study resumes). The
+study writes study.json, study.md (every run, then each variant at its best setting: mean over seeds and
+difference from the twin), study.png (robust accuracy versus training seconds) and contribution.png.
 """
 
 from __future__ import annotations
@@ -130,12 +130,12 @@ def teacher_ratios(names: list[str], known: dict, config: StudyConfig) -> dict[s
 
 
 def command(recipe: str, flags: list[str], config: StudyConfig, folder: Path, seed: int = 0,
-            lr: float | None = None, teacher_ratio: float = 1.0) -> list[str]:
-    """The recipe run of one variant: its flags, its epochs under --budget, the study's threat model, teacher,
-    seed, learning rate and evaluation flags, --extra."""
+            lr: float | None = None, teacher_ratio: float = 1.0, length: float = 1.0) -> list[str]:
+    """The recipe run of one variant: its flags, its epochs under `length` x --budget, the study's threat model,
+    teacher, seed, learning rate and evaluation flags, --extra."""
     sweep = [f"{e:g}" for e in config.eps_sweep]
     given = [*flags, *shlex.split(config.extra)]
-    spent = config.budget - cache_cost(recipe, given, teacher_ratio)  # a teacher cache's pass is paid up front
+    spent = length * config.budget - cache_cost(recipe, given, teacher_ratio)  # a cache's pass is paid up front
     cost = step_cost_of(recipe, given, teacher_ratio)
     epochs = ["--epochs", str(max(1, round(spent / cost)))] if config.budget else []
     rate = ["--lr", repr(lr)] if lr is not None else []
@@ -160,21 +160,24 @@ def run_logged(cmd: list[str], folder: Path, log_name: str) -> tuple[bool, str]:
     return code == 0, tail[0]
 
 
-def run_one(name: str, cmd: list[str], folder: Path, seed: int, lr: float | None, cost: float) -> dict:
+def run_one(name: str, cmd: list[str], folder: Path, seed: int, lr: float | None, cost: float,
+            length: float = 1.0) -> dict:
     """Run one variant (unless its folder holds its result already); its row, or the error it ended with."""
     started = time.perf_counter()
     if not finished(folder, cmd):
         (folder / DONE).unlink(missing_ok=True)
         ok, tail = run_logged(cmd, folder, "run.log")
         if not ok or not (folder / "metrics.json").exists():
-            print(f"{name} (lr {lr}, seed {seed}): FAILED ({tail})", flush=True)
-            return {"variant": name, "seed": seed, "lr": lr, "error": tail, "command": shlex.join(cmd)}
+            print(f"{name} (lr {lr}, length {length:g}, seed {seed}): FAILED ({tail})", flush=True)
+            return {"variant": name, "seed": seed, "lr": lr, "length": length, "error": tail,
+                    "command": shlex.join(cmd)}
         (folder / DONE).write_text(shlex.join(cmd))
     metrics = json.loads((folder / "metrics.json").read_text())
-    row = {"seed": seed, "lr": lr if lr is not None else metrics_lr(folder),
+    row = {"seed": seed, "lr": lr if lr is not None else metrics_lr(folder), "length": length,
            **summarize(name, metrics, round(time.perf_counter() - started, 1)),
            "command": shlex.join(cmd), "step_cost": round(cost, 3), "folder": str(folder)}
-    print(f"{name} (lr {row['lr']:g}, seed {seed}): clean {row['clean']:.1%}, robust {row['robust']:.1%} at eps "
+    print(f"{name} (lr {report.rate_text(row['lr'], length)}, seed {seed}): clean {row['clean']:.1%}, robust "
+          f"{row['robust']:.1%} at eps "
           f"{metrics['eps']:g}, {row['seconds_per_step'] * 1000:.1f} ms/step, {row['train_seconds']:.0f}s", flush=True)
     return row
 
@@ -223,7 +226,8 @@ def run_final(row: dict, config: StudyConfig) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     final = {"suite": f"autoattack-{config.final_suite}", "clean": metrics["clean_accuracy"],
              "robust": metrics["robust_accuracy"]["worst_case"], "num_examples": metrics["num_examples"]}
-    print(f"{row['variant']} (lr {row['lr']:g}, seed {row['seed']}): {final['suite']} {final['robust']:.1%} on "
+    print(f"{row['variant']} (lr {report.rate_text(*report.setting(row))}, seed {row['seed']}): {final['suite']} "
+          f"{final['robust']:.1%} on "
           f"{final['num_examples']} images", flush=True)
     return {**row, "final": final}
 
@@ -284,32 +288,35 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(config.output_dir)
     ratios = teacher_ratios(config.variants, known, config) if config.budget else {}
 
-    def launch(name: str, seed: int, lr: float | None) -> dict:
+    def launch(name: str, seed: int, lr: float | None, length: float) -> dict:
         recipe, flags = known[name]
-        folder = output_dir / (name.replace("/", "__") + (f"-lr{lr:g}" if lr is not None else "") + f"-seed{seed}")
+        folder = output_dir / (name.replace("/", "__") + (f"-lr{lr:g}" if lr is not None else "")
+                               + (f"-len{length:g}" if length != 1 else "") + f"-seed{seed}")
         ratio = ratios.get(name.split("/")[0], 1.0) if recipe == "rrm.py" else 1.0
-        cmd = command(recipe, flags, config, folder, seed, lr, ratio)
-        return run_one(name, cmd, folder, seed, lr, step_cost_of(recipe, [*flags, *shlex.split(config.extra)], ratio))
+        cmd = command(recipe, flags, config, folder, seed, lr, ratio, length)
+        cost = step_cost_of(recipe, [*flags, *shlex.split(config.extra)], ratio)
+        return run_one(name, cmd, folder, seed, lr, cost, length)
 
     with ThreadPoolExecutor(config.jobs) as pool:
         first, rest = config.seeds[0], config.seeds[1:]
-        # 1. every variant at every learning rate, first seed; 2. the other seeds at each variant's best rate
-        rows = list(pool.map(lambda job: launch(*job), [(v, first, lr) for v in config.variants
-                                                         for lr in (config.lrs or [None])]))
-        best = report.best_lrs(rows)
-        rows += list(pool.map(lambda job: launch(*job), [(v, seed, best[v] if config.lrs else None)
+        # 1. every variant at every learning rate and length, first seed; 2. the other seeds at its best setting
+        screening = [(v, first, lr, length) for v in config.variants for lr in (config.lrs or [None])
+                     for length in config.lengths]
+        rows = list(pool.map(lambda job: launch(*job), screening))
+        best = report.best_settings(rows)
+        rows += list(pool.map(lambda job: launch(*job), [(v, seed, best[v][0] if config.lrs else None, best[v][1])
                                                           for v in config.variants if v in best
                                                           and (config.seeded is None or v in config.seeded)
                                                           for seed in rest]))
-        if config.final_suite != "none":  # 3. the final suite on the best rate's runs
-            best = report.best_lrs(rows)
-            chosen = [i for i, r in enumerate(rows) if "error" not in r and r["lr"] == best[r["variant"]]
+        if config.final_suite != "none":  # 3. the final suite on the best setting's runs
+            best = report.best_settings(rows)
+            chosen = [i for i, r in enumerate(rows) if "error" not in r and report.setting(r) == best[r["variant"]]
                       and (config.final_variants is None or r["variant"] in config.final_variants)]
             for i, row in zip(chosen, pool.map(lambda i: run_final(rows[i], config), chosen), strict=True):
                 rows[i] = row
     summary = report.contributions(rows, config.twin)
     result = {"eps": config.eps, "norm": config.norm, "jobs": config.jobs, "extra": config.extra, "budget":
-              config.budget, "seeds": config.seeds, "lrs": config.lrs, "twin": config.twin,
+              config.budget, "seeds": config.seeds, "lrs": config.lrs, "lengths": config.lengths, "twin": config.twin,
               "teacher_ratios": ratios, "final_suite": config.final_suite, "rows": rows, "summary": summary}
     save_json(result, output_dir / "study.json")
     text = report.table(rows) + "\n" + report.summary_table(summary, config.twin)

@@ -198,6 +198,31 @@ def test_the_study_compares_each_variant_at_its_best_rate_with_its_teacherless_t
     assert bad.returncode == 2 and "--twin nope is not a baseline; choose one of atta_at, pgd_at" in bad.stderr
 
 
+def test_the_study_tunes_each_variant_in_length_too(tmp_path):
+    from rrm_hub.runs import study as report
+
+    module = load_recipe("study.py")
+    # the twin overfits with the whole budget and is compared at half of it; the method keeps the whole budget
+    rows = [{"variant": "vit/atta_at", "lr": 2e-3, "length": 1.0, "seed": 0, "robust": 0.50, "clean": 0.8},
+            {"variant": "vit/atta_at", "lr": 2e-3, "length": 0.5, "seed": 0, "robust": 0.55, "clean": 0.8},
+            {"variant": "vit/adaad", "lr": 2e-3, "length": 0.5, "seed": 0, "robust": 0.45, "clean": 0.8},
+            {"variant": "vit/adaad", "lr": 2e-3, "seed": 0, "robust": 0.54, "clean": 0.8},  # older rows: length 1
+            {"variant": "vit/adaad", "lr": 2e-3, "length": 1.0, "seed": 1, "robust": 0.56, "clean": 0.8}]
+    assert report.best_settings(rows) == {"vit/atta_at": (2e-3, 0.5), "vit/adaad": (2e-3, 1.0)}
+    twin, adaad = report.contributions(rows, "atta_at")
+    assert (twin["length"], twin["robust"]) == (0.5, 0.55) and adaad["seeds"] == 2
+    assert adaad["teacher_contribution"] == pytest.approx(0.0)
+    summary = report.summary_table([twin, adaad], "atta_at")
+    assert "| vit/atta_at | 0.002 (50% of budget) | 1 |" in summary and "| vit/adaad | 0.002 | 2 |" in summary
+    config = module.StudyConfig(budget=40, lengths=[0.5, 1.0])
+    twin_runs = [module.command(*module.variants()["vit/atta_at"], config, tmp_path, length=share)
+                 for share in config.lengths]
+    epochs = [cmd[len(cmd) - 1 - cmd[::-1].index("--epochs") + 1] for cmd in twin_runs]  # the last --epochs wins
+    assert epochs == ["10", "20"]  # ATTA-AT: two natural steps a step
+    bad = run_here(["recipes/study.py", "--lengths", "1.5", "--output-dir", str(tmp_path)])
+    assert bad.returncode == 2 and "--lengths" in bad.stderr
+
+
 @pytest.mark.slow
 def test_the_study_tunes_each_variant_counts_the_teacher_and_resumes(tmp_path):
     out = tmp_path / "study"

@@ -101,6 +101,10 @@ class StudyConfig(RunConfig):
                                        "the first seed only)", nargs="+")
     lrs: list[float] | None = setting(None, "learning rates: every variant runs at each (with the first seed) and "
                                       "is reported at its best (default: each variant's own)", nargs="+", gt=0)
+    lengths: list[float] = setting(help="shares of --budget: every variant trains for each (with the first seed) and "
+                                   "is reported at its best, so that a method that overfits with the whole budget "
+                                   "(robust overfitting) is compared at its best length", nargs="+", gt=0, le=1,
+                                   factory=lambda: [1.0])
     twin: str = setting("atta_at", "the teacherless baseline each variant is compared with (STUDENT/TWIN)")
     budget: float = setting(0.0, "compute of every run, in natural-step epochs: each trains budget / (its step cost "
                             "in natural steps, rrm_hub.methods.step_cost) epochs (0: the variants' own epochs)", ge=0)

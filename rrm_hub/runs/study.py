@@ -1,6 +1,7 @@
-"""What a study of runs found: each variant at its best learning rate, its seeds, and what a teacher adds over the
-same student's teacherless twin. Rows are the runs (`variant`, `lr`, `seed`, `clean`, `robust`: PGD-20 screening;
-`final`: the final suite's {suite, clean, robust} where it ran); `recipes/study.py` makes them."""
+"""What a study of runs found: each variant at its best learning rate and length, its seeds, and what a teacher adds
+over the same student's teacherless twin. Rows are the runs (`variant`, `lr`, `length`: the share of the budget it
+trained for, `seed`, `clean`, `robust`: PGD-20 screening; `final`: the final suite's {suite, clean, robust} where it
+ran); `recipes/study.py` makes them."""
 
 from __future__ import annotations
 
@@ -12,17 +13,33 @@ def done(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "error" not in r]
 
 
-def best_lrs(rows: list[dict]) -> dict[str, float]:
-    """Each variant's learning rate with the highest screening robust accuracy at the seed that ran every rate (the
-    screening; ties: the smaller rate), so that the rate the other seeds ran at stays the best once they are in."""
-    scores: dict[str, dict[int, dict[float, float]]] = {}
+def setting(row: dict) -> tuple[float, float]:
+    """The (learning rate, length) a run trained at; the length is its share of the study's budget (1 if unsaid)."""
+    return row["lr"], row.get("length", 1.0)
+
+
+def best_settings(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """Each variant's (learning rate, length) with the highest screening robust accuracy at the seed that ran every
+    setting (the screening; ties: the smaller rate, then the longer run), so that the setting the other seeds ran at
+    stays the best once they are in."""
+    scores: dict[str, dict[int, dict[tuple[float, float], float]]] = {}
     for r in done(rows):
-        scores.setdefault(r["variant"], {}).setdefault(r["seed"], {})[r["lr"]] = r["robust"]
+        scores.setdefault(r["variant"], {}).setdefault(r["seed"], {})[setting(r)] = r["robust"]
     best = {}
     for variant, by_seed in scores.items():
-        screening = max(by_seed.values(), key=len)  # the first seed with the most rates
-        best[variant] = max(sorted(screening), key=screening.get)
+        screening = max(by_seed.values(), key=len)  # the first seed with the most settings
+        best[variant] = max(sorted(screening, key=lambda s: (s[0], -s[1])), key=screening.get)
     return best
+
+
+def best_lrs(rows: list[dict]) -> dict[str, float]:
+    """Each variant's learning rate at its best setting (`best_settings`)."""
+    return {variant: best[0] for variant, best in best_settings(rows).items()}
+
+
+def rate_text(lr: float, length: float = 1.0) -> str:
+    """A learning rate, and the share of the budget where a run trained for less than all of it."""
+    return f"{lr:g}" if length == 1 else f"{lr:g} ({length:.0%} of budget)"
 
 
 def measured(row: dict) -> tuple[float, float, str]:
@@ -38,8 +55,8 @@ def contributions(rows: list[dict], twin: str) -> list[dict]:
     suite's where every seed has it, else the screening's), and the teacher's contribution: that mean minus the same
     student's teacherless `twin`'s (None where the twin did not run), by the suite both were measured by, else by
     both PGD-20 screenings (`contribution_by`)."""
-    best = best_lrs(rows)
-    chosen = [r for r in done(rows) if r["lr"] == best[r["variant"]]]
+    best = best_settings(rows)
+    chosen = [r for r in done(rows) if setting(r) == best[r["variant"]]]
     names = list(dict.fromkeys(r["variant"] for r in chosen))
     stats = {}
     for name in names:
@@ -47,9 +64,10 @@ def contributions(rows: list[dict], twin: str) -> list[dict]:
         final = all(r.get("final") for r in runs)
         values = [measured(r) if final else (r["clean"], r["robust"], "pgd20") for r in runs]
         robust = [v[1] for v in values]
-        stats[name] = {"variant": name, "lr": best[name], "seeds": len(runs), "by": values[0][2],
-                       "clean": mean(v[0] for v in values), "robust": mean(robust), "lowest": min(robust),
-                       "highest": max(robust), "screening_robust": mean(r["robust"] for r in runs)}
+        stats[name] = {"variant": name, "lr": best[name][0], "length": best[name][1], "seeds": len(runs),
+                       "by": values[0][2], "clean": mean(v[0] for v in values), "robust": mean(robust),
+                       "lowest": min(robust), "highest": max(robust),
+                       "screening_robust": mean(r["robust"] for r in runs)}
     for name, s in stats.items():
         baseline = stats.get(f"{name.split('/')[0]}/{twin}")
         if baseline is None or name.endswith(f"/{twin}"):
@@ -75,7 +93,8 @@ def table(rows: list[dict]) -> str:
         final = r.get("final")
         final_text = (f"{final['suite']}: {final['robust']:.1%} ({final['clean']:.1%} clean)" if final else
                       ", ".join(f"{name} {value:.1%}" for name, value in r["suite"].items()))
-        lines.append(f"| {r['variant']} | {r['lr']:g} | {r['seed']} | {'-' if cost is None else f'{cost:.2f}'} | "
+        lines.append(f"| {r['variant']} | {rate_text(*setting(r))} | {r['seed']} | "
+                     f"{'-' if cost is None else f'{cost:.2f}'} | "
                      f"{r['epochs']} | {units} | {r['seconds_per_step'] * 1000:.1f} | {r['train_seconds']:.0f} | "
                      f"{r['clean']:.1%} | {robust} | {final_text} |")
     lines += [f"| {r['variant']} | {r.get('lr', '-')} | {r.get('seed', '-')} | failed: {r['error']} |"
@@ -84,14 +103,16 @@ def table(rows: list[dict]) -> str:
 
 
 def summary_table(summary: list[dict], twin: str) -> str:
-    """Markdown: each variant at its best learning rate, its mean over seeds and its difference from the twin."""
-    lines = [f"| variant | best lr | seeds | measured by | clean (mean) | robust (mean) | lowest - highest | "
+    """Markdown: each variant at its best learning rate (and length), its mean over seeds and its difference from the
+    twin."""
+    lines = [f"| variant | best lr (length) | seeds | measured by | clean (mean) | robust (mean) | lowest - highest | "
              f"minus {twin} |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         delta = "-" if s["teacher_contribution"] is None else f"{s['teacher_contribution'] * 100:+.1f} points"
         if s["teacher_contribution"] is not None and s["contribution_by"] != s["by"]:
             delta += f" ({s['contribution_by']})"
-        lines.append(f"| {s['variant']} | {s['lr']:g} | {s['seeds']} | {s['by']} | {s['clean']:.1%} | "
+        lines.append(f"| {s['variant']} | {rate_text(s['lr'], s.get('length', 1.0))} | {s['seeds']} | {s['by']} | "
+                     f"{s['clean']:.1%} | "
                      f"{s['robust']:.1%} | {s['lowest']:.1%} - {s['highest']:.1%} | {delta} |")
     return "\n".join(lines) + "\n"
 
@@ -111,8 +132,8 @@ def plot(rows: list[dict], path: Path, eps: float) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in done(rows):
         ax.scatter(r["train_seconds"], r["robust"])
-        ax.annotate(f"{r['variant']} lr {r['lr']:g}", (r["train_seconds"], r["robust"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(f"{r['variant']} lr {rate_text(*setting(r))}", (r["train_seconds"], r["robust"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("training seconds")
     ax.set_ylabel(f"robust accuracy, PGD-20 at eps {eps:g}")
     ax.grid(alpha=0.3)
