@@ -259,16 +259,19 @@ def test_distilling_on_mixes_attacks_and_matches_fresh_mixes(teacher, student):
     rslad = make_objective("rslad", eps=0.1, norm="linf", teacher=teacher, robust_options={"distill_on": "cutmix"})
     torch.manual_seed(4)
     assert rslad(student, x, y)[0].isfinite()
-    with pytest.raises(RRMError, match="match-start random"):
-        AdaAD(teacher, attack(), memory=PerturbationMemory(8, (1, 28, 28)), mix=MixedInputs("cutmix"))
+    # a carried attack goes on from the perturbation of the mix each image led the epoch before
+    memory = PerturbationMemory(8, (1, 28, 28))
+    carried = AdaAD(teacher, attack(), memory=memory, mix=MixedInputs("cutmix"))
+    origins = torch.tensor([[i, 0, 0, 0] for i in range(6)])
+    carried(student, x, y, origins)
+    assert memory.seen[:6].all() and 0 < memory.deltas[:6].float().abs().max() <= 0.1 + 1e-3
+    with pytest.raises(RRMError, match="cache-teacher"):
+        RSLAD(teacher, attack(), cache=object(), mix=MixedInputs("mixup"))
     config = DistillConfig()
     config.method, config.robust.distill_on = "rrm", "mixup"
     with pytest.raises(RRMError, match="--match-on mixup"):
         config.validate()
-    config.method = "adaad"
-    with pytest.raises(RRMError, match="match-start random"):  # the recipe carries AdaAD's attack over epochs
-        config.validate()
-    config.method, config.rrm.match_start = "rslad", "random"
+    config.method = "rslad"
     assert config.validate().caches_teacher() is False  # a cache would hold the training images' targets, not mixes'
     config.rrm.cache_teacher = True
     with pytest.raises(RRMError, match="cache-teacher"):

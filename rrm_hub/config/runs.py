@@ -217,10 +217,9 @@ class DistillConfig(RunConfig):
         if on != "training":
             if self.method not in ("ard", "rslad", "adaad"):
                 raise RRMError(f"--distill-on {on} is for --method ard, rslad or adaad; for rrm use --match-on {on}")
-            if self.rrm.cache_teacher or self.rrm.carries(self.method):
-                raise RRMError(f"--distill-on {on} makes new images each step, which the teacher cache and the "
-                               "carried attack key by training image: add --match-start random (and no "
-                               "--cache-teacher)")
+            if self.rrm.cache_teacher:
+                raise RRMError(f"--distill-on {on} makes new images each step, whose teacher outputs no cache of the "
+                               "training images holds: drop --cache-teacher")
 
 
 @dataclass

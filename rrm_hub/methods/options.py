@@ -125,8 +125,8 @@ class RobustDistillOptions:
     ard_temperature: float = setting(30.0, "ARD's temperature (the authors' default 30)", gt=0)
     distill_on: Literal["training", "mixup", "cutmix"] = setting(
         "training", "the images attacked and distilled on: the training images, or a fresh mix of two of them each "
-        "step (--mix-alpha), where the teacher's soft labels say what no training label does; mixes need the teacher "
-        "live and an attack from a random start (--match-start random)")
+        "step (--mix-alpha), where the teacher's soft labels say what no training label does (the teacher runs live; "
+        "a carried attack goes on from the last mix its image led)")
 
 
 def matching_attack(options: RRMOptions, eps: float, norm: str, step_size: float | None) -> Attack:

@@ -29,16 +29,17 @@ class RobustDistillation(ObjectiveBase):
     """What the three share: the teacher's targets (live, or a `TeacherCache` of its clean outputs at
     `teacher_layer`), the attack (`attack_at(factor)`: the attack at `factor` times its full epsilon, ramped up over
     `eps_warmup` of training), a `memory` (`PerturbationMemory`) that carries each image's attack over epochs, and
-    `mix` (`MixedInputs`): distill on mixes of two training images instead of the images themselves."""
+    `mix` (`MixedInputs`): distill on mixes of two training images instead of the images themselves (a carried
+    attack then goes on from the perturbation of the mix its image led the epoch before)."""
 
     attack_loss = "ce"
 
     def __init__(self, teacher: nn.Module, attack_at: Callable[[float], Attack], *, teacher_layer: str | None = None,
                  cache: TeacherCache | None = None, memory: PerturbationMemory | None = None,
                  eps_warmup: float = 0.0, mix: MixedInputs | None = None):
-        if mix is not None and (cache is not None or memory is not None):
-            raise RRMError(f"--distill-on {mix.kind} makes new images each step, which the teacher cache and the "
-                           "carried attack key by training image: add --match-start random (and no --cache-teacher)")
+        if mix is not None and cache is not None:
+            raise RRMError(f"--distill-on {mix.kind} makes new images each step, whose teacher outputs no cache of the "
+                           "training images holds: drop --cache-teacher")
         self.targets = TeacherTargets(teacher, teacher_layer, cache=cache)
         self.mix = mix
         joint = self.attack_loss == "joint"
