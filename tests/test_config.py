@@ -113,7 +113,9 @@ def study_variants() -> dict:
 
 def test_study_variants_become_the_recipes_flags():
     table = study_variants()
-    assert len(table) == 6 * (25 + 2)  # students x (matchings + baselines)
+    assert len(table) == 6 * (30 + 2)  # students x (matchings + baselines)
+    recipe, flags = table["vit/adaad-cutmix-random"]
+    assert flags == ["--method", "adaad", "--match-start", "random", "--distill-on", "cutmix"]
     recipe, flags = table["cnn/adversarial-kd"]
     assert recipe == "rrm.py" and "--kd-weight" in flags and "--clean-weight" in flags  # from its base file
     recipe, flags = table["vit/pgd_at"]
