@@ -18,6 +18,8 @@ from .. import methods, settings
 from ..errors import RRMError
 from ..evaluation.suites import check_steps
 from ..methods.options import RobustDistillOptions, RRMOptions
+from ..methods.robust_distillation import MIXES_UNCACHED
+from ..methods.robust_distillation import NAMES as DISTILLERS
 from ..settings import parse_kwargs, section, setting
 from .sections import (
     DEFAULT_STUDENT,
@@ -215,11 +217,11 @@ class DistillConfig(RunConfig):
         self.rrm.check_run(self.data, len(matches or []), self.method)
         on = self.robust.distill_on
         if on != "training":
-            if self.method not in ("ard", "rslad", "adaad"):
-                raise RRMError(f"--distill-on {on} is for --method ard, rslad or adaad; for rrm use --match-on {on}")
+            if self.method not in DISTILLERS:
+                raise RRMError(f"--distill-on {on} is for --method {', '.join(DISTILLERS)}; for rrm use "
+                               f"--match-on {on}")
             if self.rrm.cache_teacher:
-                raise RRMError(f"--distill-on {on} makes new images each step, whose teacher outputs no cache of the "
-                               "training images holds: drop --cache-teacher")
+                raise RRMError(MIXES_UNCACHED.format(kind=on))
 
 
 @dataclass

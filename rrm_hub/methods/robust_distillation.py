@@ -24,6 +24,9 @@ from .method import Cost, Method, Parts
 from .options import NOT_WITH_NFGSM, RRMOptions, matching_attack
 from .targets import TeacherTargets
 
+MIXES_UNCACHED = ("--distill-on {kind} makes new images each step, whose teacher outputs no cache of the training "
+                  "images holds: drop --cache-teacher")
+
 
 class RobustDistillation(ObjectiveBase):
     """What the three share: the teacher's targets (live, or a `TeacherCache` of its clean outputs at
@@ -38,8 +41,7 @@ class RobustDistillation(ObjectiveBase):
                  cache: TeacherCache | None = None, memory: PerturbationMemory | None = None,
                  eps_warmup: float = 0.0, mix: MixedInputs | None = None):
         if mix is not None and cache is not None:
-            raise RRMError(f"--distill-on {mix.kind} makes new images each step, whose teacher outputs no cache of the "
-                           "training images holds: drop --cache-teacher")
+            raise RRMError(MIXES_UNCACHED.format(kind=mix.kind))
         self.targets = TeacherTargets(teacher, teacher_layer, cache=cache)
         self.mix = mix
         joint = self.attack_loss == "joint"
@@ -210,3 +212,5 @@ METHODS = [
     Method("adaad", "the divergence of student and teacher on images moved to raise it", OFFERED, _builder(AdaAD),
            _adaad_cost, teacher=True, carries=_carried, check=_rules("adaad")),
 ]
+NAMES = tuple(method.name for method in METHODS)
+"""The methods `--distill-on` applies to."""

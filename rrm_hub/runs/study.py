@@ -111,7 +111,7 @@ def summary_table(summary: list[dict], twin: str) -> str:
         delta = "-" if s["teacher_contribution"] is None else f"{s['teacher_contribution'] * 100:+.1f} points"
         if s["teacher_contribution"] is not None and s["contribution_by"] != s["by"]:
             delta += f" ({s['contribution_by']})"
-        lines.append(f"| {s['variant']} | {rate_text(s['lr'], s.get('length', 1.0))} | {s['seeds']} | {s['by']} | "
+        lines.append(f"| {s['variant']} | {rate_text(s['lr'], s['length'])} | {s['seeds']} | {s['by']} | "
                      f"{s['clean']:.1%} | "
                      f"{s['robust']:.1%} | {s['lowest']:.1%} - {s['highest']:.1%} | {delta} |")
     return "\n".join(lines) + "\n"
