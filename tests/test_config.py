@@ -113,7 +113,7 @@ def study_variants() -> dict:
 
 def test_study_variants_become_the_recipes_flags():
     table = study_variants()
-    assert len(table) == 6 * (30 + 2)  # students x (matchings + baselines)
+    assert len(table) == 6 * (33 + 2)  # students x (matchings + baselines)
     recipe, flags = table["vit/adaad-cutmix-random"]
     assert flags == ["--method", "adaad", "--match-start", "random", "--distill-on", "cutmix"]
     recipe, flags = table["cnn/adversarial-kd"]

@@ -74,3 +74,19 @@ def test_missing_columns_and_sources_are_one_line_errors(tmp_path):
         load_image_data(str(tmp_path / "unlabeled"))
     with pytest.raises(RRMError, match="could not load dataset 'no-such/dataset-xyz'"):
         load_image_data("no-such/dataset-xyz")
+
+
+def test_unlabeled_images_are_the_split_named_or_the_rest_of_the_training_split(mnist):
+    data = load_image_data(train_split="train[:1000]", unlabeled_split="rest")
+    assert len(data.unlabeled) == 3000 and data.unlabeled["label"] == mnist.train["label"][1000:]
+    middle = load_image_data(train_split="train[1000:3000]", unlabeled_split="rest")
+    assert middle.unlabeled["label"] == mnist.train["label"][:1000] + mnist.train["label"][3000:]
+    assert len(load_image_data(unlabeled_split="train[:10%]").unlabeled) == 400
+    images, labels = next(iter(make_loader(data, "unlabeled", 8, augment=True)))
+    assert images.shape == (8, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    for spec, message in (("rest", "takes every image of 'train'"), ("test", "where the test images come from"),
+                          ("test[:10]", "where the test images come from")):
+        with pytest.raises(RRMError, match=message):
+            load_image_data(unlabeled_split=spec)
+    with pytest.raises(RRMError, match="leaves none"):
+        load_image_data(train_split="train[:100%]", unlabeled_split="rest")

@@ -276,3 +276,65 @@ def test_distilling_on_mixes_attacks_and_matches_fresh_mixes(teacher, student):
     config.rrm.cache_teacher = True
     with pytest.raises(RRMError, match="cache-teacher"):
         config.validate()
+
+
+def test_unlabeled_images_replace_a_share_of_the_batch_and_take_the_teachers_classes(teacher, student):
+    from rrm_hub.config.runs import DistillConfig
+    from rrm_hub.methods.inputs import UnlabeledInputs
+
+    pool = [(torch.full((3, 1, 28, 28), float(i) / 10), torch.full((3,), -1)) for i in range(1, 4)]
+    maker = UnlabeledInputs(pool, share=0.5)
+    x = torch.zeros(8, 1, 28, 28)
+    first, second = maker(student, x), maker(student, x)
+    assert maker.drawn == 4 and torch.equal(first[4:], x[4:])
+    # the pool's images in their order, over batch boundaries and around again (0.1 x3, 0.2 x3, 0.3 x3, 0.1 ...)
+    drawn = torch.cat([first[:4], second[:4]]).flatten(1)[:, 0]
+    assert torch.allclose(drawn, torch.tensor([0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.3, 0.3]))
+    assert torch.allclose(maker(student, x)[:4].flatten(1)[:, 0], torch.tensor([0.3, 0.1, 0.1, 0.1]))
+    with pytest.raises(RRMError, match="unlabeled-share"):
+        UnlabeledInputs(pool, share=0)
+
+    # ARD attacks the unlabeled images against the teacher's classes, the labelled ones against their labels
+    seen = {}
+
+    class Recorder:
+        perturbs, reads_clean_target, current = True, False, fgsm(0.1)
+
+        def __call__(self, model, images, y=None, origins=None, mismatch=None):
+            seen["images"], seen["labels"] = images, y
+            return images
+
+    ard = ARD(teacher, attack(), unlabeled=UnlabeledInputs(pool, share=0.5))
+    ard.inputs = Recorder()
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    ard(student, x, y)
+    with torch.no_grad():
+        classes = teacher(seen["images"][:3]).argmax(1)
+    assert torch.equal(seen["labels"], torch.cat([classes, y[3:]])) and torch.equal(seen["images"][3:], x[3:])
+    with pytest.raises(RRMError, match="cache-teacher"):
+        RSLAD(teacher, attack(), cache=object(), unlabeled=UnlabeledInputs(pool))
+    with pytest.raises(RRMError, match="match-start random"):
+        AdaAD(teacher, attack(), memory=PerturbationMemory(8, (1, 28, 28)), unlabeled=UnlabeledInputs(pool))
+
+    config = DistillConfig()
+    config.robust.unlabeled_split = "rest"
+    with pytest.raises(RRMError, match="for --method ard, rslad, adaad to distill on, not for rrm"):
+        config.validate()
+    config.method = "rslad"
+    assert config.validate().caches_teacher() is False
+    config.rrm.cache_teacher = True
+    with pytest.raises(RRMError, match="--unlabeled-split distills on images other than"):
+        config.validate()
+
+
+def test_the_recipe_distills_on_unlabeled_images(tmp_path):
+    from .test_hub import _recipe
+
+    metrics = _recipe("rrm").main([
+        "--method", "adaad", "--train-split", "train[:64]", "--unlabeled-split", "rest", "--unlabeled-share",
+        "0.25", "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)",
+        "--max-steps", "2", "--batch-size", "32", "--epoch-eval-examples", "0", "--eval-examples", "16",
+        "--sweep-examples", "16", "--eval-steps", "2", "--no-checks", "--output-dir", str(tmp_path / "adaad")])
+    assert metrics["steps"] == 2 and metrics["attack"]["match_start"] == "random"
+    assert metrics["unlabeled_images"] == {"split": "rest", "count": 3936, "share": 0.25}
+    assert "3,936 images of the training split's rest" in (tmp_path / "adaad" / "README.md").read_text()

@@ -18,8 +18,8 @@ from .. import methods, settings
 from ..errors import RRMError
 from ..evaluation.suites import check_steps
 from ..methods.options import RobustDistillOptions, RRMOptions
-from ..methods.robust_distillation import MIXES_UNCACHED
 from ..methods.robust_distillation import NAMES as DISTILLERS
+from ..methods.robust_distillation import UNCACHED, UNLABELED
 from ..settings import parse_kwargs, section, setting
 from .sections import (
     DEFAULT_STUDENT,
@@ -207,21 +207,29 @@ class DistillConfig(RunConfig):
     list_layers: bool = setting(False, "print the layers of teacher and student with their output shapes, then stop")
 
     def caches_teacher(self, pairs: int = 0, augment: str | None = None) -> bool:
-        """Whether the run keeps a teacher cache (`RRMConfig.caches`; never for mixes, --distill-on)."""
-        return self.robust.distill_on == "training" and self.rrm.caches(self.method, self.data, pairs, augment)
+        """Whether the run keeps a teacher cache (`RRMConfig.caches`; never for mixes, --distill-on, or unlabeled
+        images, --unlabeled-split)."""
+        return (self.robust.distill_on == "training" and not self.robust.unlabeled_split
+                and self.rrm.caches(self.method, self.data, pairs, augment))
 
     def check_rules(self) -> None:
         if self.preflight and self.list_layers:
             raise RRMError("--preflight and --list-layers each stop the run early; give one of them")
         matches = self.layers.matches(self.student.layer)
         self.rrm.check_run(self.data, len(matches or []), self.method)
-        on = self.robust.distill_on
+        on, unlabeled = self.robust.distill_on, self.robust.unlabeled_split
         if on != "training":
             if self.method not in DISTILLERS:
                 raise RRMError(f"--distill-on {on} is for --method {', '.join(DISTILLERS)}; for rrm use "
                                f"--match-on {on}")
             if self.rrm.cache_teacher:
-                raise RRMError(MIXES_UNCACHED.format(kind=on))
+                raise RRMError(UNCACHED.format(kind=f"--distill-on {on}"))
+        if unlabeled:
+            if self.method not in DISTILLERS:
+                raise RRMError(f"--unlabeled-split gives images for --method {', '.join(DISTILLERS)} to distill on, "
+                               f"not for {self.method}: drop it or change --method")
+            if self.rrm.cache_teacher:
+                raise RRMError(UNCACHED.format(kind=UNLABELED))
 
 
 @dataclass

@@ -41,6 +41,7 @@ class ImageData:
     image_size: tuple[int, int]  # (height, width) of the images fed to the models
     fingerprint: str = field(default="")
     holdout: datasets.Dataset | None = None  # training images kept out of training, to judge epochs by
+    unlabeled: datasets.Dataset | None = None  # images whose labels are never read, for the teacher to label
     augment: str = "shift"  # the training augmentation: "timm" (random-resized crops), "shift" or "none"
     framing: str = "resize"  # unaugmented views: "resize" to image_size, or "crop" as timm evaluates
     crop_pct: float = 1.0  # of "crop": resize to image_size / crop_pct, then center crop
@@ -62,10 +63,14 @@ class ImageData:
     def unreadable_log(self, split: str) -> UnreadableImages:
         """The log of the unreadable images of `split` (one per split, whatever loaders read it)."""
         if split not in self.unreadable:
-            rows = {"train": self.train, "test": self.test, "holdout": self.holdout}.get(split)
+            rows = self.rows(split)
             total = self.train_size if split == "train" else (len(rows) if rows is not None else None)
             self.unreadable[split] = UnreadableImages(split, total, self.max_bad_images)
         return self.unreadable[split]
+
+    def rows(self, split: str) -> datasets.Dataset | None:
+        """The rows of `split` (train, test, holdout or unlabeled), None where there is no such split."""
+        return {"train": self.train, "test": self.test, "holdout": self.holdout, "unlabeled": self.unlabeled}.get(split)
 
     def skipped(self) -> dict[str, dict]:
         """{split: {"count", "first"}} of the unreadable images skipped so far."""
@@ -112,18 +117,39 @@ def find_image_column(rows: datasets.Dataset, wanted: str | None = None) -> str:
     return _find_column(rows, wanted, datasets.Image, _IMAGE_COLUMNS, "--image-column")
 
 
-def _split(loaded, train_split: str, test_split: str | None, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
+def _test_name(loaded: datasets.DatasetDict, train_split: str, test_split: str | None) -> str:
+    """The split the test images come from: --test-split's, else the first test-like split, else the training
+    split's (20% of it held out)."""
+    if test_split is not None:
+        return splits.parse(test_split, "--test-split")[0]
+    train_name = splits.parse(train_split, "--train-split")[0]
+    return next((name for name in _TEST_SPLITS if name in loaded and name != train_name), train_name)
+
+
+def _split(loaded: datasets.DatasetDict, train_split: str, test_split: str | None, seed: int
+           ) -> tuple[datasets.Dataset, datasets.Dataset]:
     train = splits.pick(loaded, train_split, "--train-split")
     if test_split is not None:
         return train, splits.pick(loaded, test_split, "--test-split")
-    train_name = splits.parse(train_split, "--train-split")[0]
-    for name in _TEST_SPLITS:
-        if name in loaded and name != train_name:
-            return train, loaded[name]
+    test_name = _test_name(loaded, train_split, None)
+    if test_name != splits.parse(train_split, "--train-split")[0]:
+        return train, loaded[test_name]
     parts = train.train_test_split(test_size=0.2, seed=seed)  # no test split: hold out 20%
     return parts["train"], parts["test"]
+
+
+def _unlabeled(loaded: datasets.DatasetDict, spec: str, train_split: str, test_split: str | None
+               ) -> datasets.Dataset:
+    """The images of `--unlabeled-split` (`rest`: those of the training split that --train-split leaves out), never
+    the test images' split."""
+    flag = "--unlabeled-split"
+    if spec == "rest":
+        return splits.rest(loaded, train_split, flag)
+    name, test_name = splits.parse(spec, flag)[0], _test_name(loaded, train_split, test_split)
+    if name == test_name:
+        raise RRMError(f"{flag} '{spec}' reads '{name}', where the test images come from: the student would learn "
+                       "from the images it is measured on; name another split, or rest")
+    return splits.pick(loaded, spec, flag)
 
 
 def load_image_data(
@@ -140,6 +166,7 @@ def load_image_data(
     model_input: ModelInput | None = None,
     streaming: bool = False,
     max_bad_images: float = 0.05,
+    unlabeled_split: str | None = None,
 ) -> ImageData:
     """Load an image classification dataset: a Hub id, a `save_to_disk` folder, an imagefolder, or the default.
 
@@ -148,17 +175,24 @@ def load_image_data(
     read as RGB (grayscale if all of a sample are). `augment` auto resolves to shifts for small images and to timm's
     random-resized crops for larger ones, which are then seen at `image_size`, else at `model_input`'s size (the
     model's own, with its evaluation crop), else at 224. With `streaming` the training split is read as a stream
-    (`rrm_hub.streaming`), and its first images stand for it where the images must be looked at.
+    (`rrm_hub.streaming`), and its first images stand for it where the images must be looked at. `unlabeled_split`
+    (a split, or `rest`: the training split's images outside --train-split's slice) gives `ImageData.unlabeled`.
     """
     name = spec or EMBEDDED_MNIST
-    length = None
+    length, unlabeled = None, None
     if streaming:
         if name == EMBEDDED_MNIST:
             raise RRMError("--streaming reads a Hub dataset or data files: give --dataset")
+        if unlabeled_split:
+            raise RRMError("--unlabeled-split reads images of a dataset on disk, not of a stream: drop --streaming")
         train, test, sample, length = open_stream(name, config, train_split, test_split, _TEST_SPLITS)
     else:
-        train, test = _split(load_splits(name, config), train_split, test_split, seed)
+        loaded = load_splits(name, config)
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({"train": loaded})
+        train, test = _split(loaded, train_split, test_split, seed)
         sample = train
+        unlabeled = _unlabeled(loaded, unlabeled_split, train_split, test_split) if unlabeled_split else None
     if len(sample) == 0 or len(test) == 0:
         raise RRMError(f"dataset '{name}' has an empty train or test split; check --train-split / --test-split")
     image_column = find_image_column(sample, image_column)
@@ -204,6 +238,7 @@ def load_image_data(
         crop_pct=model_input.crop_pct if natural else 1.0,
         interpolation=model_input.interpolation if natural else "bilinear",
         stream_length=length,
+        unlabeled=unlabeled,
         hub_id=hub_id_of(name, config),
         max_bad_images=max_bad_images,
     )

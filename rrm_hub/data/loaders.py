@@ -33,9 +33,10 @@ class PixelDataset(Dataset):
     def __init__(self, data: ImageData, split: str, transform: transforms.Compose, limit: int | None = None,
                  seed: int | None = None, augment: RandomShift | None = None, origins: bool = False,
                  substitute: bool = False):
-        rows = {"train": data.train, "test": data.test, "holdout": data.holdout}.get(split)
+        rows = data.rows(split)
         if rows is None:
-            raise RRMError(f"no '{split}' split: use train, test, or holdout after ImageData.hold_out")
+            raise RRMError(f"no '{split}' split: use train, test, holdout after ImageData.hold_out, or unlabeled "
+                           "(--unlabeled-split)")
         if limit and limit < len(rows):  # None or 0: all
             rows = rows.select(range(limit))
         self.rows, self.split, self.unreadable = raw(rows, data.image_column), split, data.unreadable_log(split)
@@ -94,9 +95,9 @@ def make_loader(
     shuffle_buffer: int = 10_000,
     stream_images: int | None = None,
 ) -> DataLoader:
-    """A DataLoader over one split; the train split is shuffled with a seeded generator. With `augment` the
-    training views are `data.augment`'s: timm's random-resized crops (with `auto_augment`), or shifts of `pad`
-    pixels and `hflip` flips. With `origins` its batches are (pixels, labels, origins), see `PixelDataset`.
+    """A DataLoader over one split; the train and unlabeled splits are shuffled with a seeded generator. With
+    `augment` the training views are `data.augment`'s: timm's random-resized crops (with `auto_augment`), or shifts
+    of `pad` pixels and `hflip` flips. With `origins` its batches are (pixels, labels, origins), see `PixelDataset`.
     `num_workers` None: `workers`' default; memory is pinned where a GPU is. A streamed training split is
     shuffled through `shuffle_buffer` images, `stream_images` (default: all) an epoch."""
     shift, cropped = None, augment and data.augment == "timm"
@@ -115,7 +116,7 @@ def make_loader(
                              data.unreadable_log("train"))
         return DataLoader(stream, batch_size=batch_size, num_workers=workers(num_workers, data),
                           pin_memory=torch.cuda.is_available())
-    shuffle = split == "train"
+    shuffle = split in ("train", "unlabeled")
     dataset = PixelDataset(data, split, transform, limit, seed=seed, augment=shift, origins=origins,
                            substitute=shuffle)
     generator = torch.Generator().manual_seed(seed) if shuffle else None

@@ -49,6 +49,20 @@ def pick(loaded: datasets.DatasetDict | datasets.IterableDatasetDict, spec: str,
     return split.select(chosen)
 
 
+def rest(loaded: datasets.DatasetDict, spec: str, flag: str) -> datasets.Dataset:
+    """The images of `spec`'s split that its slice leaves out (`train[:1000]` -> `train[1000:]`)."""
+    name, start, stop = parse(spec, flag)
+    split = pick(loaded, name, flag)
+    if start is None and stop is None:
+        raise RRMError(f"{flag} '{spec}' takes every image of '{name}', so 'rest' leaves none: slice it, e.g. "
+                       f"{name}[:1000]")
+    taken = set(range(len(split))[slice(_index(start, len(split)), _index(stop, len(split)))])
+    left = [i for i in range(len(split)) if i not in taken]
+    if not left:
+        raise RRMError(f"{flag} '{spec}' takes every image of '{name}', so 'rest' leaves none; narrow the slice")
+    return split.select(left)
+
+
 def stream_length(spec: str, known: int | None) -> int | None:
     """The number of images a sliced stream gives, where its split's length is `known` (or None)."""
     _, start, stop = parse(spec, "--train-split")

@@ -8,7 +8,7 @@ a maker with a `memory` (a `PerturbationMemory`) needs the batches' origins.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +148,46 @@ class MixedInputs(InputMaker):
         inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
         box = (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)
         return torch.where(box, other, x)
+
+
+def endless(batches: Iterable) -> Iterator:
+    """`batches` over and over (a loader's dataset told each new pass, for its augmentation)."""
+    passes = 0
+    while True:
+        yield from batches
+        passes += 1
+        if hasattr(getattr(batches, "dataset", None), "set_epoch"):
+            batches.dataset.set_epoch(passes)
+
+
+class UnlabeledInputs(InputMaker):
+    """The batch with its first `share` of images replaced by images drawn from `batches`, (pixels, labels) batches
+    of images whose labels are never read (a shuffled loader of `ImageData.unlabeled`): the teacher labels what the
+    training labels do not reach. `drawn` is how many the last call replaced, the first ones. The draws restart
+    from the loader's seed when a run resumes."""
+
+    perturbs = False
+
+    def __init__(self, batches: Iterable, share: float = 0.5):
+        super().__init__()
+        if not 0 < share <= 1:
+            raise RRMError(f"the share of unlabeled images is a fraction: 0 < --unlabeled-share <= 1, got {share}")
+        self.batches, self.share, self.left, self.drawn = endless(batches), share, None, 0
+
+    def draw(self, count: int) -> torch.Tensor:
+        """The next `count` unlabeled images."""
+        held = [] if self.left is None else [self.left]
+        while sum(len(images) for images in held) < count:
+            held.append(next(self.batches)[0])
+        images = torch.cat(held)
+        self.left = images[count:] if len(images) > count else None
+        return images[:count]
+
+    def __call__(self, model, x, y=None, origins=None, mismatch=None) -> torch.Tensor:
+        self.drawn = round(self.share * len(x))
+        if not self.drawn:
+            return x
+        return torch.cat([self.draw(self.drawn).to(device=x.device, dtype=x.dtype), x[self.drawn:]])
 
 
 class ShiftedInputs(InputMaker):

@@ -55,12 +55,15 @@ class PerturbationMemory:
 
     @classmethod
     def unavailable(cls, data: ImageData) -> str | None:
-        """Why the training images of `data` cannot have a memory, or None: too many, or an augmentation (random-
-        resized crops) that moves each image's frame in ways a perturbation cannot follow."""
+        """Why the training images of `data` cannot have a memory, or None: too many, an augmentation (random-
+        resized crops) that moves each image's frame in ways a perturbation cannot follow, or unlabeled images drawn
+        beside them."""
         if data.streaming:
             return "streamed images have no index to keep a perturbation by"
         if data.augment == "timm":
             return "random-resized crops move each image's frame"
+        if data.unlabeled is not None:
+            return "the images drawn from --unlabeled-split are seen about once, with no perturbation to carry"
         return cls.too_large(len(data.train), (data.channels, *data.image_size))
 
     @classmethod

@@ -3,7 +3,7 @@ provides (`Parts`), what a step costs (`Cost`), the rules across its options, an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -21,7 +21,8 @@ FORWARD, BACKWARD = 1 / 3, 2 / 3
 class Parts:
     """What a run provides to build an objective: the threat model, the teacher (and the layer or layer pairs
     matched), the matching and attack options, ARD's options, adversarial training's attack steps, free-AT's
-    replays, the epsilon warm-up of adversarial training, a teacher cache and a perturbation memory."""
+    replays, the epsilon warm-up of adversarial training, a teacher cache, a perturbation memory and unlabeled
+    images."""
 
     eps: float
     norm: str = "linf"
@@ -35,6 +36,7 @@ class Parts:
     eps_warmup: float = 0.3
     cache: TeacherCache | None = None
     memory: PerturbationMemory | None = None
+    unlabeled: Iterable | None = None  # batches of images the teacher labels (--unlabeled-split)
 
     @property
     def matching_eps(self) -> float:

@@ -127,6 +127,12 @@ class RobustDistillOptions:
         "training", "the images attacked and distilled on: the training images, or a fresh mix of two of them each "
         "step (--mix-alpha), where the teacher's soft labels say what no training label does (the teacher runs live; "
         "a carried attack goes on from the last mix its image led)")
+    unlabeled_split: str | None = setting(
+        None, "images of --dataset whose labels are never read, that the teacher labels: each step --unlabeled-share "
+        "of the images attacked and distilled on are drawn from them (a split, e.g. train[1000:], or rest: the "
+        "images of --train-split's split its slice leaves out); the teacher runs live, attacks start at random")
+    unlabeled_share: float = setting(0.5, "the share of each step's distilled images drawn from --unlabeled-split",
+                                     gt=0, le=1)
 
 
 def matching_attack(options: RRMOptions, eps: float, norm: str, step_size: float | None) -> Attack:

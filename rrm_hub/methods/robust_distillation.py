@@ -17,33 +17,38 @@ from ..attacks import Attack
 from ..errors import RRMError
 from ..teachers.cache import TeacherCache
 from .base import Logs, ObjectiveBase, warmup_scale
-from .inputs import AttackedInputs, MixedInputs
+from .inputs import AttackedInputs, MixedInputs, UnlabeledInputs
 from .losses import distillation_loss, kl_divergence
 from .memory import CARRIED_STEP, PerturbationMemory
 from .method import Cost, Method, Parts
 from .options import NOT_WITH_NFGSM, RRMOptions, matching_attack
 from .targets import TeacherTargets
 
-MIXES_UNCACHED = ("--distill-on {kind} makes new images each step, whose teacher outputs no cache of the training "
-                  "images holds: drop --cache-teacher")
+UNLABELED = "--unlabeled-split"
+UNCACHED = ("{kind} distills on images other than the training images, whose teacher outputs no cache of the "
+            "training images holds: drop --cache-teacher")
 
 
 class RobustDistillation(ObjectiveBase):
     """What the three share: the teacher's targets (live, or a `TeacherCache` of its clean outputs at
     `teacher_layer`), the attack (`attack_at(factor)`: the attack at `factor` times its full epsilon, ramped up over
-    `eps_warmup` of training), a `memory` (`PerturbationMemory`) that carries each image's attack over epochs, and
-    `mix` (`MixedInputs`): distill on mixes of two training images instead of the images themselves (a carried
-    attack then goes on from the perturbation of the mix its image led the epoch before)."""
+    `eps_warmup` of training), a `memory` (`PerturbationMemory`) that carries each image's attack over epochs,
+    `unlabeled` (`UnlabeledInputs`): a share of each batch's images replaced by images without labels, and `mix`
+    (`MixedInputs`): distill on mixes of two images instead of the images themselves (a carried attack then goes on
+    from the perturbation of the mix its image led the epoch before)."""
 
     attack_loss = "ce"
 
     def __init__(self, teacher: nn.Module, attack_at: Callable[[float], Attack], *, teacher_layer: str | None = None,
                  cache: TeacherCache | None = None, memory: PerturbationMemory | None = None,
-                 eps_warmup: float = 0.0, mix: MixedInputs | None = None):
-        if mix is not None and cache is not None:
-            raise RRMError(MIXES_UNCACHED.format(kind=mix.kind))
+                 eps_warmup: float = 0.0, mix: MixedInputs | None = None, unlabeled: UnlabeledInputs | None = None):
+        if cache is not None and (mix is not None or unlabeled is not None):
+            raise RRMError(UNCACHED.format(kind=UNLABELED if mix is None else f"--distill-on {mix.kind}"))
+        if unlabeled is not None and memory is not None:
+            raise RRMError(f"{UNLABELED} draws images seen about once, with no attack to carry: use --match-start "
+                           "random")
         self.targets = TeacherTargets(teacher, teacher_layer, cache=cache)
-        self.mix = mix
+        self.mix, self.unlabeled = mix, unlabeled
         joint = self.attack_loss == "joint"
         self.inputs = AttackedInputs(attack_at, self.attack_loss, memory, teacher if joint else None)
         self.memory, self.eps_warmup, self.uses_origins = memory, eps_warmup, memory is not None
@@ -58,8 +63,15 @@ class RobustDistillation(ObjectiveBase):
         return self.inputs.current
 
     def views(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The images distilled on: `x`, or mixes of its images (`mix`)."""
+        """The images distilled on: `x`, a share of it replaced by unlabeled images (`unlabeled`), mixed (`mix`)."""
+        if self.unlabeled is not None:
+            x = self.unlabeled(model, x)
         return x if self.mix is None else self.mix(model, x)
+
+    def labels(self, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`y`, with the teacher's classes (`target`: its logits of the views) for the unlabeled images drawn."""
+        drawn = 0 if self.unlabeled is None else self.unlabeled.drawn
+        return torch.cat([target[:drawn].argmax(1), y[drawn:]]) if drawn else y
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits of `x`, without a graph (looked up in the cache if there is one)."""
@@ -96,6 +108,7 @@ class ARD(RobustDistillation):
                  origins: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
         x = self.views(model, x)
         target = self.teacher_logits(x)
+        y = self.labels(y, target)  # the attack raises the CE of the teacher's classes where no label is
         x_adv = self.inputs(model, x, y, origins)
         if self.weight < 1:
             logits = model(torch.cat([x_adv, x]))
@@ -171,8 +184,10 @@ def _builder(cls: type[RobustDistillation]):
                  else {})
         on = parts.robust.distill_on
         mix = None if on == "training" else MixedInputs(on, options.mix_alpha)
+        unlabeled = (None if parts.unlabeled is None
+                     else UnlabeledInputs(parts.unlabeled, parts.robust.unlabeled_share))
         return cls(parts.teacher, attack_at, teacher_layer=parts.teacher_layer, cache=parts.cache,
-                   memory=parts.memory, eps_warmup=options.eps_warmup, mix=mix, **extra)
+                   memory=parts.memory, eps_warmup=options.eps_warmup, mix=mix, unlabeled=unlabeled, **extra)
 
     return build
 

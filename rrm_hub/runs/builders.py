@@ -30,6 +30,7 @@ from ..models.pixel import model_input
 from ..models.student import RRMStudent
 from ..teachers.cache import load_or_build
 from ..training.distributed import make_accelerator
+from .fit import unlabeled_loader
 
 
 @dataclass
@@ -75,14 +76,16 @@ def start(config, default_output: str, script: str, push: bool = True):
     return config, runtime
 
 
-def load_data(data: DataConfig, seed: int, holdout: int = 0, seen_as: ModelInput | None = None) -> ImageData:
+def load_data(data: DataConfig, seed: int, holdout: int = 0, seen_as: ModelInput | None = None,
+              unlabeled_split: str | None = None) -> ImageData:
     """The dataset the data settings name, seen as `seen_as` says (the model's own size and crop, for natural
-    images), with `holdout` seeded training images moved out of its training split."""
+    images), with `holdout` seeded training images moved out of its training split and the images of
+    `unlabeled_split` beside it."""
     images = load_image_data(data.dataset, config=data.dataset_config, image_column=data.image_column,
                              label_column=data.label_column, train_split=data.train_split,
                              test_split=data.test_split, image_size=data.image_size, seed=seed,
                              augment=data.augment, model_input=seen_as, streaming=data.streaming,
-                             max_bad_images=data.max_bad_images)
+                             max_bad_images=data.max_bad_images, unlabeled_split=unlabeled_split)
     return images.hold_out(holdout, seed) if holdout else images
 
 
@@ -90,7 +93,9 @@ def images_for(config, runtime: Runtime, model: tuple[str, dict] | None = None) 
     """The run's data: [0, 1] pixels, at the size of `model` (timm name, kwargs) for natural images; normalization
     lives inside each model. Its attack budgets are checked against the input size."""
     seen_as = model_input(*model) if model else None
-    images = load_data(config.data, config.training.seed, config.eval.holdout, seen_as)
+    robust = getattr(config, "robust", None)  # --unlabeled-split: distillation's images the teacher labels
+    images = load_data(config.data, config.training.seed, config.eval.holdout, seen_as,
+                       robust.unlabeled_split if robust else None)
     check_l2_budgets(config, images.channels, images.image_size)
     return images
 
@@ -192,12 +197,16 @@ def teacher_cache(teacher: nn.Module, layer: str, images: ImageData, batch_size:
 
 def objective_for(config: DistillConfig, teacher: Teacher, images: ImageData, runtime: Runtime):
     """The run's objective (`--method`; RRM by default): built by the method from the parts the run provides, a
-    perturbation memory (`--match-start previous`) and a teacher cache (`--cache-teacher`) among them."""
+    perturbation memory (`--match-start previous`), a teacher cache (`--cache-teacher`) and the unlabeled images
+    (`--unlabeled-split`) among them."""
     memory = perturbation_memory(config.method, images, config.rrm, runtime.print)
+    share, process = config.robust.unlabeled_share, runtime.accelerator.process_index
+    unlabeled = (None if images.unlabeled is None
+                 else unlabeled_loader(images, config.data, config.training, share, process))
     cached = config.caches_teacher(len(teacher.pairs), images.augment)
     cache = (teacher_cache(teacher.model, teacher.layer, images, config.training.batch_size, config.teacher.revision,
                            config.data.num_workers, runtime.accelerator) if cached else None)
     parts = methods.Parts(eps=config.eval.eps, norm=config.eval.norm, teacher=teacher.model,
                           teacher_layer=teacher.layer, pairs=tuple(teacher.pairs), options=config.rrm,
-                          robust=config.robust, cache=cache, memory=memory)
+                          robust=config.robust, cache=cache, memory=memory, unlabeled=unlabeled)
     return methods.build(config.method, parts)

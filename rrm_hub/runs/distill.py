@@ -80,6 +80,9 @@ def distill_metrics(config: DistillConfig, images: ImageData, teacher: Teacher, 
         "feature_dim": teacher.width, "pairs": [p.to_dict() for p in pairs] or None,
         **methods.get(config.method).facts(objective),
         "teacher_cache": None if cache is None else {"path": str(cache.path), "reused": cache.reused},
+        "unlabeled_images": None if images.unlabeled is None else {
+            "split": config.robust.unlabeled_split, "count": len(images.unlabeled),
+            "share": config.robust.unlabeled_share},
         **report.run_facts(run, selected, images, config, runtime.accelerator),
         "teacher_clean_accuracy": told.get("clean_accuracy"), "teacher_robust_accuracy": told.get("robust_accuracy"),
         "teacher_sweep": told.get("sweep"), "teacher_evaluation_cached": told.get("cached"),
@@ -97,7 +100,8 @@ def save_student(student, metrics: dict, config: DistillConfig, images: ImageDat
     if metrics["teacher_sweep"]:
         curves["teacher"] = metrics["teacher_sweep"]
     context = {**report.card_context(config, images, runtime.script), "teacher": teacher.source,
-               "student": metrics["student"], "match_on": config.rrm.match_on}
+               "student": metrics["student"], "match_on": config.rrm.match_on,
+               "method_summary": methods.get(config.method).summary}
     with report.writing_outputs(runtime.output_dir, run):
         runtime.output_dir.mkdir(parents=True, exist_ok=True)
         (runtime.output_dir / "README.md").unlink(missing_ok=True)  # the card is written anew

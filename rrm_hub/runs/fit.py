@@ -32,6 +32,15 @@ def train_loader(images: ImageData, data: DataConfig, training: TrainConfig, aug
                        stream_images=stream)
 
 
+def unlabeled_loader(images: ImageData, data: DataConfig, training: TrainConfig, share: float,
+                     process: int = 0) -> DataLoader:
+    """The shuffled loader of the unlabeled images (`ImageData.unlabeled`), augmented as the training images,
+    `share` of a training batch at a time; each process draws its own (seeded by `process`)."""
+    return make_loader(images, "unlabeled", max(1, round(share * training.batch_size)), augment=True,
+                       seed=training.seed + 1 + process, pad=data.pad, hflip=data.hflip,
+                       num_workers=data.num_workers, auto_augment=data.auto_augment)
+
+
 def world_size() -> int:
     """The processes of the launch (accelerate and torchrun set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
