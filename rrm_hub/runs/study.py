@@ -39,7 +39,7 @@ def best_lrs(rows: list[dict]) -> dict[str, float]:
 
 def rate_text(lr: float, length: float = 1.0) -> str:
     """A learning rate, and the share of the budget where a run trained for less than all of it."""
-    return f"{lr:g}" if length == 1 else f"{lr:g} ({length:.0%} of budget)"
+    return f"{lr:g}" if length == 1 else f"{lr:g} ({100 * length:g}% of budget)"
 
 
 def measured(row: dict) -> tuple[float, float, str]:
