@@ -17,7 +17,8 @@ and `--final-suite` (AutoAttack) measures the best setting's runs (of `--final-v
 `--final-examples` test images. Runs go in parallel (`--jobs`); each writes its folder under `--output-dir`, and a
 run whose folder already holds its result for the same command is not run again (a stopped study resumes). The
 study writes study.json, study.md (every run, then each variant at its best setting: mean over seeds and
-difference from the twin), study.png (robust accuracy versus training seconds) and contribution.png.
+difference from the twin), study.png (robust accuracy versus training seconds), contribution.png and, with several
+--lengths, lengths.png (robust accuracy versus the compute spent, a line per variant).
 """
 
 from __future__ import annotations
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = report.table(rows) + "\n" + report.summary_table(summary, config.twin)
     (output_dir / "study.md").write_text(text)
     report.plot(rows, output_dir / "study.png", config.eps)
+    if len(config.lengths) > 1 and config.budget:
+        report.plot_lengths(rows, config.budget, output_dir / "lengths.png", config.eps)
     report.plot_contributions(summary, config.twin, output_dir / "contribution.png")
     print(text)
     return result

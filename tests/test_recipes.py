@@ -214,6 +214,8 @@ def test_the_study_tunes_each_variant_in_length_too(tmp_path):
     assert adaad["teacher_contribution"] == pytest.approx(0.0)
     summary = report.summary_table([twin, adaad], "atta_at")
     assert "| vit/atta_at | 0.002 (50% of budget) | 1 |" in summary and "| vit/adaad | 0.002 | 2 |" in summary
+    report.plot_lengths(rows, 40, tmp_path / "lengths.png", 0.1)
+    assert (tmp_path / "lengths.png").stat().st_size > 0
     config = module.StudyConfig(budget=40, lengths=[0.5, 1.0])
     twin_runs = [module.command(*module.variants()["vit/atta_at"], config, tmp_path, length=share)
                  for share in config.lengths]

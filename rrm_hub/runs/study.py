@@ -142,6 +142,32 @@ def plot(rows: list[dict], path: Path, eps: float) -> None:
     plt.close(fig)
 
 
+def plot_lengths(rows: list[dict], budget: float, path: Path, eps: float) -> None:
+    """Robust accuracy (PGD-20) at `eps` versus the compute a run spent (its share of the study's `budget`, in
+    natural-step epochs), a line per variant over its lengths at its best learning rate and the screening seed."""
+    best, lines = best_settings(rows), {}
+    for r in done(rows):
+        if r["lr"] == best[r["variant"]][0] and r["seed"] == min(x["seed"] for x in done(rows)
+                                                                 if x["variant"] == r["variant"]):
+            lines.setdefault(r["variant"], []).append((r.get("length", 1.0) * budget, r["robust"]))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, points in lines.items():
+        spent, robust = zip(*sorted(points), strict=True)
+        ax.plot(spent, [100 * value for value in robust], marker="o", label=variant)
+    ax.set_xscale("log", base=2)
+    spent_at = sorted({x for points in lines.values() for x, _ in points})
+    ax.set_xticks(spent_at, [f"{x:.0f}" for x in spent_at])
+    ax.minorticks_off()
+    ax.set_xlabel("compute spent (natural-step epochs of the training images)")
+    ax.set_ylabel(f"robust accuracy (%), PGD-20 at eps {eps:g}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_contributions(summary: list[dict], twin: str, path: Path) -> None:
     """Each variant's mean robust accuracy minus its teacherless twin's, a bar each (nothing where no twin ran)."""
     bars = [s for s in summary if s["teacher_contribution"] is not None]
