@@ -388,10 +388,12 @@ def test_the_fashion_mnist_teacher_says_what_it_is_and_its_setups_run(tmp_path):
     assert "- zalando-datasets/fashion_mnist" in card and metrics["suite"] == "standard" and metrics["eps"] == 0.1
     assert metrics["num_examples"] >= 1000 and f"value: {metrics['robust_accuracy']['worst_case']:.3g}" in card
     idx_folder(tmp_path / "clothes", n_train=16, n_test=8, size=28)
-    for setup in ("rrm-fashion-mnist.yaml", "rrm-fashion-mnist-5k.yaml"):
+    # the few-labels setup takes 8 of the 16 images labelled, the other 8 unlabeled
+    for setup, split in (("rrm-fashion-mnist.yaml", []), ("rrm-fashion-mnist-5k.yaml", []),
+                         ("rrm-fashion-mnist-1k-unlabeled.yaml", ["--train-split", "train[:8]"])):
         out = tmp_path / setup
         result = run_here(["recipes/rrm.py", "--config", f"recipes/configs/{setup}", "--dataset",
-                           str(tmp_path / "clothes"), "--max-steps", "1", "--epoch-eval-examples", "0",
+                           str(tmp_path / "clothes"), *split, "--max-steps", "1", "--epoch-eval-examples", "0",
                            "--eval-examples", "8", "--sweep-examples", "8", "--no-checks", "--output-dir", str(out)])
         assert result.returncode == 0, result.stderr[-2000:]
         assert json.loads((out / "metrics.json").read_text())["teacher"] == BUNDLED["default-fashion-mnist"][1]
