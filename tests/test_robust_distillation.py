@@ -13,7 +13,7 @@ from rrm_hub.methods.memory import PerturbationMemory
 from rrm_hub.methods.registry import make_objective
 from rrm_hub.teachers.cache import TeacherCache
 
-from .conftest import load_recipe
+from .conftest import load_recipe, run_here
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +325,8 @@ def test_unlabeled_images_replace_a_share_of_the_batch_and_take_the_teachers_cla
     config.rrm.cache_teacher = True
     with pytest.raises(RRMError, match="--unlabeled-split distills on images other than"):
         config.validate()
+    bad = run_here(["recipes/benchmark.py", "--unlabeled-split", "rest", "--quick"])
+    assert bad.returncode != 0 and "--unlabeled-split is for recipes/rrm.py" in bad.stderr
 
 
 def test_the_recipe_distills_on_unlabeled_images(tmp_path):

@@ -27,6 +27,7 @@ from ..config.runs import (
     TrainConfig,
 )
 from ..data.images import ImageData
+from ..errors import RRMError
 from ..evaluation.evaluate import evaluate
 from ..hub.cards import hardware, save_json
 from ..methods.memory import PerturbationMemory
@@ -79,6 +80,9 @@ class BenchmarkConfig(RunConfig):
     eval: EvalConfig = section(EvalConfig)
 
     def check_rules(self) -> None:
+        if self.robust.unlabeled_split:
+            raise RRMError("the benchmark trains every method on the same labelled images; --unlabeled-split is for "
+                           "recipes/rrm.py and recipes/study.py")
         for method in self.methods:  # --cache-teacher serves the methods that can use it
             rrm = self.rrm if method in CACHEABLE else replace(self.rrm, cache_teacher=False)
             rrm.check_run(self.data, 0, method)
