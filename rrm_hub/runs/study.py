@@ -155,14 +155,24 @@ def plot_lengths(rows: list[dict], budget: float, path: Path, eps: float) -> Non
     for variant, points in lines.items():
         spent, robust = zip(*sorted(points), strict=True)
         ax.plot(spent, [100 * value for value in robust], marker="o", label=variant)
-    ax.set_xscale("log", base=2)
     spent_at = sorted({x for points in lines.values() for x, _ in points})
-    ax.set_xticks(spent_at, [f"{x:.0f}" for x in spent_at])
-    ax.minorticks_off()
+    _log_x(ax, spent_at, [f"{x:.0f}" for x in spent_at], base=2)
     ax.set_xlabel("compute spent (natural-step epochs of the training images)")
     ax.set_ylabel(f"robust accuracy (%), PGD-20 at eps {eps:g}")
+    _save(plt, fig, ax, path, legend=8)
+
+
+def _log_x(ax, ticks: list[float], labels: list[str], base: int = 10) -> None:
+    """A log x axis ticked at the values studied, not at the powers of `base`."""
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(ticks, labels)
+    ax.minorticks_off()
+
+
+def _save(plt, fig, ax, path: Path, legend: int) -> None:
+    """Grid, legend (font size `legend`), and the figure written to `path`."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -211,14 +221,8 @@ def plot_data_gap(points: list[dict], twin: str, path: Path) -> None:
         ax.plot([p["images"] for p in mine], [100 * p["teacher_contribution"] for p in mine], marker="o",
                 label=f"{variant} ({', '.join(dict.fromkeys(p['by'] for p in mine))})")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xscale("log")
     sizes = sorted({p["images"] for p in points})
-    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the sizes studied, not the powers of ten
-    ax.minorticks_off()
+    _log_x(ax, sizes, [f"{n:,}" for n in sizes])
     ax.set_xlabel("the student's training images")
     ax.set_ylabel(f"robust accuracy minus STUDENT/{twin}'s (points)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, path, legend=7)
