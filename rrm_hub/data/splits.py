@@ -28,6 +28,11 @@ def _index(bound: str | None, size: int) -> int | None:
     return round(size * int(bound[:-1]) / 100) if bound.endswith("%") else int(bound)
 
 
+def _chosen(size: int, start: str | None, stop: str | None) -> range:
+    """The indices a slice's bounds, as written, take of a split of `size` images."""
+    return range(size)[slice(_index(start, size), _index(stop, size))]
+
+
 def pick(loaded: datasets.DatasetDict | datasets.IterableDatasetDict, spec: str, flag: str):
     """The split `spec` names, sliced as written; a one-line error naming the splits there are otherwise.
     A streamed split takes integer bounds only (its length may be unknown)."""
@@ -43,7 +48,7 @@ def pick(loaded: datasets.DatasetDict | datasets.IterableDatasetDict, spec: str,
         first = int(start or 0)
         rest = split.skip(first) if first else split
         return rest.take(int(stop) - first) if stop is not None else rest
-    chosen = range(len(split))[slice(_index(start, len(split)), _index(stop, len(split)))]
+    chosen = _chosen(len(split), start, stop)
     if len(chosen) == 0:
         raise RRMError(f"{flag} '{spec}' selects no images of the {len(split)} in '{name}'; widen the slice")
     return split.select(chosen)
@@ -56,8 +61,8 @@ def rest(loaded: datasets.DatasetDict, spec: str, flag: str) -> datasets.Dataset
     if start is None and stop is None:
         raise RRMError(f"{flag} '{spec}' takes every image of '{name}', so 'rest' leaves none: slice it, e.g. "
                        f"{name}[:1000]")
-    taken = set(range(len(split))[slice(_index(start, len(split)), _index(stop, len(split)))])
-    left = [i for i in range(len(split)) if i not in taken]
+    taken = _chosen(len(split), start, stop)
+    left = [*range(taken.start), *range(max(taken.start, taken.stop), len(split))]
     if not left:
         raise RRMError(f"{flag} '{spec}' takes every image of '{name}', so 'rest' leaves none; narrow the slice")
     return split.select(left)

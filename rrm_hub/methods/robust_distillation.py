@@ -228,4 +228,4 @@ METHODS = [
            _adaad_cost, teacher=True, carries=_carried, check=_rules("adaad")),
 ]
 NAMES = tuple(method.name for method in METHODS)
-"""The methods `--distill-on` applies to."""
+"""The methods `--distill-on` and `--unlabeled-split` apply to."""

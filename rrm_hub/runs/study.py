@@ -145,11 +145,13 @@ def plot(rows: list[dict], path: Path, eps: float) -> None:
 def plot_lengths(rows: list[dict], budget: float, path: Path, eps: float) -> None:
     """Robust accuracy (PGD-20) at `eps` versus the compute a run spent (its share of the study's `budget`, in
     natural-step epochs), a line per variant over its lengths at its best learning rate and the screening seed."""
-    best, lines = best_settings(rows), {}
+    best, first, lines = best_settings(rows), {}, {}
     for r in done(rows):
-        if r["lr"] == best[r["variant"]][0] and r["seed"] == min(x["seed"] for x in done(rows)
-                                                                 if x["variant"] == r["variant"]):
-            lines.setdefault(r["variant"], []).append((r.get("length", 1.0) * budget, r["robust"]))
+        first[r["variant"]] = min(first.get(r["variant"], r["seed"]), r["seed"])
+    for r in done(rows):
+        lr, length = setting(r)
+        if lr == best[r["variant"]][0] and r["seed"] == first[r["variant"]]:
+            lines.setdefault(r["variant"], []).append((length * budget, r["robust"]))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, points in lines.items():
