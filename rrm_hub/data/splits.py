@@ -55,16 +55,18 @@ def pick(loaded: datasets.DatasetDict | datasets.IterableDatasetDict, spec: str,
 
 
 def rest(loaded: datasets.DatasetDict, spec: str, flag: str) -> datasets.Dataset:
-    """The images of `spec`'s split that its slice leaves out (`train[:1000]` -> `train[1000:]`)."""
+    """The images of `spec`'s split (--train-split's) that its slice leaves out (`train[:1000]` -> `train[1000:]`);
+    `flag` is the option that asked for them."""
     name, start, stop = parse(spec, flag)
     split = pick(loaded, name, flag)
     if start is None and stop is None:
-        raise RRMError(f"{flag} '{spec}' takes every image of '{name}', so 'rest' leaves none: slice it, e.g. "
-                       f"{name}[:1000]")
+        raise RRMError(f"--train-split '{spec}' takes every image of '{name}', so {flag} rest leaves none: slice "
+                       f"it, e.g. {name}[:1000]")
     taken = _chosen(len(split), start, stop)
     left = [*range(taken.start), *range(max(taken.start, taken.stop), len(split))]
     if not left:
-        raise RRMError(f"{flag} '{spec}' takes every image of '{name}', so 'rest' leaves none; narrow the slice")
+        raise RRMError(f"--train-split '{spec}' takes every image of '{name}', so {flag} rest leaves none; narrow "
+                       "the slice")
     return split.select(left)
 
 
