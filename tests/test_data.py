@@ -61,6 +61,23 @@ def test_imagefolder_and_saved_dataset(tmp_path):
     assert data.num_classes == 3 and data.image_column == "picture"
 
 
+def test_unlabeled_passes_start_anywhere_with_the_images_a_stream_from_0_gives_there(mnist):
+    from itertools import islice
+
+    from rrm_hub.data.loaders import ShuffledPasses
+
+    data = load_image_data(train_split="train[:1000]", unlabeled_split="train[:10%]")  # 400 unlabeled images
+    passes = ShuffledPasses(make_loader(data, "unlabeled", 64, augment=True, seed=3, pad=2), seed=3)
+    whole = torch.cat(list(islice(passes.batches(), 16)))  # two passes of 7 batches (6 of 64, one of 16), and two more
+    assert whole.shape == (928, 1, 28, 28)
+    order = passes.order(0)
+    assert sorted(sum(order, [])) == list(range(400)) and [len(b) for b in order] == [64] * 6 + [16]
+    assert order != passes.order(1) and not torch.equal(whole[:400], whole[400:800])  # each pass its own order
+    for start in (0, 5, 64, 390, 400, 530):  # inside a batch, at a batch, across the end of a pass
+        later = torch.cat(list(islice(passes.batches(start), 3)))
+        assert torch.equal(later, whole[start:start + len(later)]), start
+
+
 def test_missing_columns_and_sources_are_one_line_errors(tmp_path):
     ds = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d", "e"], "label": [0, 1, 0, 1, 0]})
     ds.save_to_disk(str(tmp_path / "text"))

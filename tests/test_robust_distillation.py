@@ -329,14 +329,22 @@ def test_unlabeled_images_replace_a_share_of_the_batch_and_take_the_teachers_cla
     assert bad.returncode != 0 and "--unlabeled-split is for recipes/rrm.py" in bad.stderr
 
 
-def test_the_recipe_distills_on_unlabeled_images(tmp_path):
+def test_the_recipe_distills_on_unlabeled_images_and_resumes_their_draws(tmp_path):
+    from safetensors.torch import load_file
+
     from .test_hub import _recipe
 
-    metrics = _recipe("rrm").main([
-        "--method", "adaad", "--train-split", "train[:64]", "--unlabeled-split", "rest", "--unlabeled-share",
-        "0.25", "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)",
-        "--max-steps", "2", "--batch-size", "32", "--epoch-eval-examples", "0", "--eval-examples", "16",
-        "--sweep-examples", "16", "--eval-steps", "2", "--no-checks", "--output-dir", str(tmp_path / "adaad")])
+    flags = ["--method", "adaad", "--train-split", "train[:64]", "--unlabeled-split", "rest", "--unlabeled-share",
+             "0.25", "--student", "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)",
+             "--max-steps", "2", "--batch-size", "32", "--save-every", "1", "--epoch-eval-examples", "0",
+             "--eval-examples", "16", "--sweep-examples", "16", "--eval-steps", "2", "--no-checks"]
+    metrics = _recipe("rrm").main([*flags, "--output-dir", str(tmp_path / "adaad")])
     assert metrics["steps"] == 2 and metrics["attack"]["match_start"] == "random"
     assert metrics["unlabeled_images"] == {"split": "rest", "count": 3936, "share": 0.25}
     assert "3,936 images of the training split's rest" in (tmp_path / "adaad" / "README.md").read_text()
+    # resumed after step 1, step 2 draws the images the whole run drew there (not step 1's again): same weights
+    first = tmp_path / "adaad" / "checkpoints" / "step-00000001"
+    assert load_file(first / "objective.safetensors")["unlabeled_used"].tolist() == [8]
+    _recipe("rrm").main([*flags, "--output-dir", str(tmp_path / "resumed"), "--resume", str(first)])
+    whole, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("adaad", "resumed"))
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)

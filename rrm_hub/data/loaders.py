@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 
 import torch
 from PIL import Image
@@ -128,6 +129,42 @@ def make_loader(
         drop_last=False, pin_memory=torch.cuda.is_available(), persistent_workers=persistent,
         collate_fn=None if shuffle else collate_readable,
     )
+
+
+class ShuffledPasses:
+    """The images of a `make_loader` loader (its dataset, batch size, workers), pass after pass, each pass shuffled
+    and its augmentation drawn by (`seed`, pass) alone, so that the stream can start anywhere: `batches(start)`
+    gives the pixel batches from the stream's `start`-th image on (the first batch cut to begin there) without
+    reading the images before it, the images a stream read from 0 gives there. A resumed run draws what the stopped
+    one would have; exactly so where the augmentation is seeded per image (shifts and flips), while random crops
+    drawn by loader workers may differ."""
+
+    def __init__(self, loader: DataLoader, seed: int):
+        self.loader, self.seed = loader, seed
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset)
+
+    def order(self, epoch: int) -> list[list[int]]:
+        """The batches of image indices of pass `epoch`."""
+        shuffle = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return [chunk.tolist() for chunk in torch.randperm(len(self), generator=shuffle).split(self.loader.batch_size)]
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        epoch, offset = divmod(start, len(self))
+        while True:
+            skip, cut = divmod(offset, self.loader.batch_size)
+            dataset = self.loader.dataset
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            # the workers' seeds come from the pass too, not from the run's random state
+            passing = DataLoader(dataset, batch_sampler=self.order(epoch)[skip:],
+                                 num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory,
+                                 generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            for pixels, *_ in passing:
+                yield pixels[cut:]
+                cut = 0
+            epoch, offset = epoch + 1, 0
 
 
 def workers(count: int | None, data: ImageData) -> int:

@@ -150,21 +150,25 @@ class MixedInputs(InputMaker):
         return torch.where(box, other, x)
 
 
-def endless(batches: Iterable) -> Iterator:
-    """`batches` over and over (a loader's dataset told each new pass, for its augmentation)."""
-    passes = 0
+def stream_from(batches: Iterable, start: int) -> Iterator[torch.Tensor]:
+    """The pixels of `batches` from its `start`-th image on, pass after pass: `batches.batches(start)` where it can
+    start anywhere (`rrm_hub.data.loaders.ShuffledPasses`), else a plain iterable of (pixels, labels) batches,
+    read over and over with the first `start` images skipped."""
+    if hasattr(batches, "batches"):
+        yield from batches.batches(start)
+        return
     while True:
-        yield from batches
-        passes += 1
-        if hasattr(getattr(batches, "dataset", None), "set_epoch"):
-            batches.dataset.set_epoch(passes)
+        for pixels, *_ in batches:
+            cut, start = min(start, len(pixels)), start - min(start, len(pixels))
+            if cut < len(pixels):
+                yield pixels[cut:]
 
 
 class UnlabeledInputs(InputMaker):
-    """The batch with its first `share` of images replaced by images drawn from `batches`, (pixels, labels) batches
-    of images whose labels are never read (a shuffled loader of `ImageData.unlabeled`): the teacher labels what the
-    training labels do not reach. `drawn` is how many the last call replaced, the first ones. The draws restart
-    from the loader's seed when a run resumes."""
+    """The batch with its first `share` of images replaced by the next images of `batches` (a `ShuffledPasses` of
+    `ImageData.unlabeled`, or any iterable of (pixels, labels) batches), whose labels are never read: the teacher
+    labels what the training labels do not reach. `drawn` is how many the last call replaced, the first ones;
+    `used` how many it has drawn in all, kept by checkpoints so that a resumed run draws on from there."""
 
     perturbs = False
 
@@ -172,15 +176,20 @@ class UnlabeledInputs(InputMaker):
         super().__init__()
         if not 0 < share <= 1:
             raise RRMError(f"the share of unlabeled images is a fraction: 0 < --unlabeled-share <= 1, got {share}")
-        self.batches, self.share, self.left, self.drawn = endless(batches), share, None, 0
+        self.batches, self.share, self.drawn, self.used = batches, share, 0, 0
+        self.stream: Iterator[torch.Tensor] | None = None
+        self.left: torch.Tensor | None = None
 
     def draw(self, count: int) -> torch.Tensor:
         """The next `count` unlabeled images."""
+        if self.stream is None:
+            self.stream, self.left = stream_from(self.batches, self.used), None
         held = [] if self.left is None else [self.left]
         while sum(len(images) for images in held) < count:
-            held.append(next(self.batches)[0])
+            held.append(next(self.stream))
         images = torch.cat(held)
         self.left = images[count:] if len(images) > count else None
+        self.used += count
         return images[:count]
 
     def __call__(self, model, x, y=None, origins=None, mismatch=None) -> torch.Tensor:
@@ -188,6 +197,13 @@ class UnlabeledInputs(InputMaker):
         if not self.drawn:
             return x
         return torch.cat([self.draw(self.drawn).to(device=x.device, dtype=x.dtype), x[self.drawn:]])
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {"unlabeled_used": torch.tensor([self.used], dtype=torch.long)}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "unlabeled_used" in state:
+            self.used, self.stream = int(state["unlabeled_used"][0]), None
 
 
 class ShiftedInputs(InputMaker):

@@ -77,6 +77,15 @@ class RobustDistillation(ObjectiveBase):
         """The teacher's logits of `x`, without a graph (looked up in the cache if there is one)."""
         return self.targets(x)[0]
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The carried attack's memory, or where unlabeled images are drawn (never both) how many were."""
+        return super().checkpoint_state() if self.unlabeled is None else self.unlabeled.checkpoint_state()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_checkpoint_state(state)
+        if self.unlabeled is not None:
+            self.unlabeled.load_checkpoint_state(state)
+
     def schedule(self, progress: float) -> None:
         """Called by the training loop: ramps the attack's epsilon up over `eps_warmup` of training."""
         self.inputs.schedule(warmup_scale(progress, self.eps_warmup))

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ..attacks import pgd
 from ..config.sections import MAX_EPOCH_CHECKS, DataConfig, EvalConfig, TrainConfig
 from ..data.images import ImageData
-from ..data.loaders import make_loader
+from ..data.loaders import ShuffledPasses, make_loader
 from ..data.streaming import stream_length
 from ..evaluation.evaluate import epoch_check as make_check
 from ..training.checkpoints import resolve as resolve_checkpoint
@@ -33,12 +33,13 @@ def train_loader(images: ImageData, data: DataConfig, training: TrainConfig, aug
 
 
 def unlabeled_loader(images: ImageData, data: DataConfig, training: TrainConfig, share: float,
-                     process: int = 0) -> DataLoader:
-    """The shuffled loader of the unlabeled images (`ImageData.unlabeled`), augmented as the training images,
+                     process: int = 0) -> ShuffledPasses:
+    """The unlabeled images (`ImageData.unlabeled`) shuffled pass after pass, augmented as the training images,
     `share` of a training batch at a time; each process draws its own (seeded by `process`)."""
-    return make_loader(images, "unlabeled", max(1, round(share * training.batch_size)), augment=True,
-                       seed=training.seed + 1 + process, pad=data.pad, hflip=data.hflip,
-                       num_workers=data.num_workers, auto_augment=data.auto_augment)
+    seed = training.seed + 1 + process
+    loader = make_loader(images, "unlabeled", max(1, round(share * training.batch_size)), augment=True, seed=seed,
+                         pad=data.pad, hflip=data.hflip, num_workers=data.num_workers, auto_augment=data.auto_augment)
+    return ShuffledPasses(loader, seed)
 
 
 def world_size() -> int:
