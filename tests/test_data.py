@@ -78,6 +78,25 @@ def test_unlabeled_passes_start_anywhere_with_the_images_a_stream_from_0_gives_t
         assert torch.equal(later, whole[start:start + len(later)]), start
 
 
+def test_unlabeled_images_of_another_dataset_a_folder_of_images_none_of_them_a_test_image(mnist, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):  # training digits as a folder of files, no classes; one larger and in colour
+        mnist.train[i]["image"].save(folder / f"{i}.png")
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "big.png")
+    data = load_image_data(train_split="train[:1000]", unlabeled_dataset=str(folder))
+    assert len(data.unlabeled) == 7 and data.unlabeled.column_names == ["image"]
+    images, labels = next(iter(make_loader(data, "unlabeled", 7, augment=True)))
+    assert images.shape == (7, 1, 28, 28) and labels.tolist() == [-1] * 7  # seen as the training images are
+    mnist.test[3]["image"].save(folder / "test.png")
+    with pytest.raises(RRMError, match="1 images of --unlabeled-dataset .* are also test images"):
+        load_image_data(unlabeled_dataset=str(folder))
+    with pytest.raises(RRMError, match="name a split of --unlabeled-dataset"):
+        load_image_data(unlabeled_dataset=str(folder), unlabeled_split="rest")
+    with pytest.raises(RRMError, match="no split 'unlabeled'.*fix --unlabeled-split"):
+        load_image_data(unlabeled_dataset=str(folder), unlabeled_split="unlabeled")
+
+
 def test_missing_columns_and_sources_are_one_line_errors(tmp_path):
     ds = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d", "e"], "label": [0, 1, 0, 1, 0]})
     ds.save_to_disk(str(tmp_path / "text"))

@@ -340,7 +340,7 @@ def test_the_recipe_distills_on_unlabeled_images_and_resumes_their_draws(tmp_pat
              "--eval-examples", "16", "--sweep-examples", "16", "--eval-steps", "2", "--no-checks"]
     metrics = _recipe("rrm").main([*flags, "--output-dir", str(tmp_path / "adaad")])
     assert metrics["steps"] == 2 and metrics["attack"]["match_start"] == "random"
-    assert metrics["unlabeled_images"] == {"split": "rest", "count": 3936, "share": 0.25}
+    assert metrics["unlabeled_images"] == {"dataset": None, "split": "rest", "count": 3936, "share": 0.25}
     assert "3,936 images of the training split's rest" in (tmp_path / "adaad" / "README.md").read_text()
     # resumed after step 1, step 2 draws the images the whole run drew there (not step 1's again): same weights
     first = tmp_path / "adaad" / "checkpoints" / "step-00000001"
@@ -348,3 +348,19 @@ def test_the_recipe_distills_on_unlabeled_images_and_resumes_their_draws(tmp_pat
     _recipe("rrm").main([*flags, "--output-dir", str(tmp_path / "resumed"), "--resume", str(first)])
     whole, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("adaad", "resumed"))
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
+def test_the_recipe_draws_unlabeled_images_from_another_dataset(tmp_path, mnist):
+    from .test_hub import _recipe
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(100, 112):  # training images the student is not given
+        mnist.train[i]["image"].save(folder / f"{i}.png")
+    metrics = _recipe("rrm").main([
+        "--method", "rslad", "--train-split", "train[:64]", "--unlabeled-dataset", str(folder), "--student",
+        "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--max-steps", "1",
+        "--batch-size", "32", "--epoch-eval-examples", "0", "--eval-examples", "16", "--sweep-examples", "0",
+        "--eval-steps", "2", "--no-checks", "--output-dir", str(tmp_path / "rslad")])
+    assert metrics["unlabeled_images"] == {"dataset": str(folder), "split": None, "count": 12, "share": 0.5}
+    assert f"12 images of **{folder}** whose labels were never read" in (tmp_path / "rslad" / "README.md").read_text()

@@ -208,8 +208,8 @@ class DistillConfig(RunConfig):
 
     def caches_teacher(self, pairs: int = 0, augment: str | None = None) -> bool:
         """Whether the run keeps a teacher cache (`RRMConfig.caches`; never for mixes, --distill-on, or unlabeled
-        images, --unlabeled-split)."""
-        return (self.robust.distill_on == "training" and not self.robust.unlabeled_split
+        images, --unlabeled-split / --unlabeled-dataset)."""
+        return (self.robust.distill_on == "training" and not self.robust.draws_unlabeled
                 and self.rrm.caches(self.method, self.data, pairs, augment))
 
     def check_rules(self) -> None:
@@ -217,7 +217,7 @@ class DistillConfig(RunConfig):
             raise RRMError("--preflight and --list-layers each stop the run early; give one of them")
         matches = self.layers.matches(self.student.layer)
         self.rrm.check_run(self.data, len(matches or []), self.method)
-        on, unlabeled = self.robust.distill_on, self.robust.unlabeled_split
+        on, unlabeled = self.robust.distill_on, self.robust.draws_unlabeled
         if on != "training":
             if self.method not in DISTILLERS:
                 raise RRMError(f"--distill-on {on} is for --method {', '.join(DISTILLERS)}; for rrm use "
@@ -226,8 +226,9 @@ class DistillConfig(RunConfig):
                 raise RRMError(UNCACHED.format(kind=f"--distill-on {on}"))
         if unlabeled:
             if self.method not in DISTILLERS:
-                raise RRMError(f"--unlabeled-split gives images for --method {', '.join(DISTILLERS)} to distill on, "
-                               f"not for {self.method}: drop it or change --method")
+                raise RRMError(f"--unlabeled-split and --unlabeled-dataset give images for --method "
+                               f"{', '.join(DISTILLERS)} to distill on, not for {self.method}: drop them or change "
+                               "--method")
             if self.rrm.cache_teacher:
                 raise RRMError(UNCACHED.format(kind=UNLABELED))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from ..errors import RRMError
 from . import idx, splits
@@ -152,6 +153,36 @@ def _unlabeled(loaded: datasets.DatasetDict, spec: str, train_split: str, test_s
     return splits.pick(loaded, spec, flag)
 
 
+def _unlabeled_elsewhere(spec: str, split: str | None) -> tuple[datasets.Dataset, str]:
+    """The images of split `split` (default: train, or the only split) of the dataset `spec` names
+    (--unlabeled-dataset), any other column dropped, and the name of their column."""
+    loaded = load_splits(spec)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if split == "rest":
+        raise RRMError(f"--unlabeled-split rest is the rest of --dataset's training split; name a split of "
+                       f"--unlabeled-dataset '{spec}' ({', '.join(loaded)}), or leave it out")
+    split = split or ("train" if "train" in loaded or len(loaded) > 1 else next(iter(loaded)))
+    rows = splits.pick(loaded, split, "--unlabeled-split")
+    column = find_image_column(rows)
+    return rows.select_columns([column]), column
+
+
+def _apart(rows: datasets.Dataset, column: str, test: datasets.Dataset, image_column: str, spec: str
+           ) -> datasets.Dataset:
+    """`rows` (images of another dataset) with their images in `image_column`, refused if one of them is a test
+    image (pixel hashes: the same pixels in any file)."""
+    from .provenance import hashes
+
+    if column != image_column:
+        rows = rows.rename_column(column, image_column)
+    shared = np.intersect1d(hashes(rows, image_column), hashes(test, image_column))
+    if len(shared):
+        raise RRMError(f"{len(shared)} images of --unlabeled-dataset '{spec}' are also test images of --dataset: the "
+                       "student would learn from the images it is measured on; remove them or use another split")
+    return rows
+
+
 def load_image_data(
     spec: str | None = None,
     *,
@@ -167,6 +198,7 @@ def load_image_data(
     streaming: bool = False,
     max_bad_images: float = 0.05,
     unlabeled_split: str | None = None,
+    unlabeled_dataset: str | None = None,
 ) -> ImageData:
     """Load an image classification dataset: a Hub id, a `save_to_disk` folder, an imagefolder, or the default.
 
@@ -176,14 +208,16 @@ def load_image_data(
     random-resized crops for larger ones, which are then seen at `image_size`, else at `model_input`'s size (the
     model's own, with its evaluation crop), else at 224. With `streaming` the training split is read as a stream
     (`rrm_hub.streaming`), and its first images stand for it where the images must be looked at. `unlabeled_split`
-    (a split, or `rest`: the training split's images outside --train-split's slice) gives `ImageData.unlabeled`.
+    (a split, or `rest`: the training split's images outside --train-split's slice) gives `ImageData.unlabeled`;
+    `unlabeled_dataset` takes them from another dataset (its `unlabeled_split`, by default its train split), none
+    of them a test image.
     """
     name = spec or EMBEDDED_MNIST
     length, unlabeled = None, None
     if streaming:
         if name == EMBEDDED_MNIST:
             raise RRMError("--streaming reads a Hub dataset or data files: give --dataset")
-        if unlabeled_split:
+        if unlabeled_split or unlabeled_dataset:
             raise RRMError("--unlabeled-split reads images of a dataset on disk, not of a stream: drop --streaming")
         train, test, sample, length = open_stream(name, config, train_split, test_split, _TEST_SPLITS)
     else:
@@ -192,7 +226,10 @@ def load_image_data(
             loaded = datasets.DatasetDict({"train": loaded})
         train, test = _split(loaded, train_split, test_split, seed)
         sample = train
-        unlabeled = _unlabeled(loaded, unlabeled_split, train_split, test_split) if unlabeled_split else None
+        if unlabeled_dataset:
+            unlabeled, unlabeled_column = _unlabeled_elsewhere(unlabeled_dataset, unlabeled_split)
+        elif unlabeled_split:
+            unlabeled = _unlabeled(loaded, unlabeled_split, train_split, test_split)
     if len(sample) == 0 or len(test) == 0:
         raise RRMError(f"dataset '{name}' has an empty train or test split; check --train-split / --test-split")
     image_column = find_image_column(sample, image_column)
@@ -211,6 +248,8 @@ def load_image_data(
         class_names = [str(i) for i in range(max(labels) + 1)]
     if not isinstance(sample.features[image_column], datasets.Image):
         raise RRMError(f"column '{image_column}' does not hold images; name the image column with --image-column")
+    if unlabeled_dataset:
+        unlabeled = _apart(unlabeled, unlabeled_column, test, image_column, unlabeled_dataset)
     readable = _readable(sample, image_column)
     if not readable:
         raise RRMError(f"none of the first {min(len(sample), SAMPLE)} images of '{name}' can be read; check the "

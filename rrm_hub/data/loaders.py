@@ -53,16 +53,16 @@ class PixelDataset(Dataset):
 
     def _readable_row(self, index: int) -> tuple[int, Image.Image | None, int]:
         """(index, image, label) of row `index`, or with `substitute` of the next readable row (image None when
-        `index` cannot be read and nothing is substituted)."""
+        `index` cannot be read and nothing is substituted); label -1 where the rows have none (unlabeled images)."""
         for offset in range(len(self.rows)):
             at = (index + offset) % len(self.rows)
             row = self.rows[at]
             try:
-                return at, decode(row[self.image_column]), int(row[self.label_column])
+                return at, decode(row[self.image_column]), int(row.get(self.label_column, -1))
             except UNREADABLE as err:
                 self.unreadable.record(at, where(row[self.image_column], f"{self.split}[{at}]"), err)
                 if not self.substitute:
-                    return at, None, int(row[self.label_column])
+                    return at, None, int(row.get(self.label_column, -1))
         raise RRMError(f"no image of the {self.split} split can be read; check the files")
 
     def __getitem__(self, index: int) -> tuple | None:

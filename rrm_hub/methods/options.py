@@ -131,8 +131,17 @@ class RobustDistillOptions:
         None, "images of --dataset whose labels are never read, that the teacher labels: each step --unlabeled-share "
         "of the images attacked and distilled on are drawn from them (a split, e.g. train[1000:], or rest: the "
         "images of --train-split's split its slice leaves out); the teacher runs live, attacks start at random")
+    unlabeled_dataset: str | None = setting(
+        None, "take --unlabeled-split's images from this dataset instead of --dataset (Hub id, save_to_disk folder, "
+        "IDX files, or a folder of images: no labels needed), its split --unlabeled-split names (default: train, or "
+        "its only split); refused where one of them is a test image (pixel hashes, every image read once)")
     unlabeled_share: float = setting(0.5, "the share of each step's distilled images drawn from --unlabeled-split",
                                      gt=0, le=1)
+
+    @property
+    def draws_unlabeled(self) -> bool:
+        """Whether distillation draws images without labels (--unlabeled-split or --unlabeled-dataset)."""
+        return bool(self.unlabeled_split or self.unlabeled_dataset)
 
 
 def matching_attack(options: RRMOptions, eps: float, norm: str, step_size: float | None) -> Attack:

@@ -80,7 +80,7 @@ class BenchmarkConfig(RunConfig):
     eval: EvalConfig = section(EvalConfig)
 
     def check_rules(self) -> None:
-        if self.robust.unlabeled_split:
+        if self.robust.draws_unlabeled:
             raise RRMError("the benchmark trains every method on the same labelled images; --unlabeled-split is for "
                            "recipes/rrm.py and recipes/study.py")
         for method in self.methods:  # --cache-teacher serves the methods that can use it

@@ -77,15 +77,16 @@ def start(config, default_output: str, script: str, push: bool = True):
 
 
 def load_data(data: DataConfig, seed: int, holdout: int = 0, seen_as: ModelInput | None = None,
-              unlabeled_split: str | None = None) -> ImageData:
+              unlabeled_split: str | None = None, unlabeled_dataset: str | None = None) -> ImageData:
     """The dataset the data settings name, seen as `seen_as` says (the model's own size and crop, for natural
     images), with `holdout` seeded training images moved out of its training split and the images of
-    `unlabeled_split` beside it."""
+    `unlabeled_split` (of `unlabeled_dataset`, if given) beside it."""
     images = load_image_data(data.dataset, config=data.dataset_config, image_column=data.image_column,
                              label_column=data.label_column, train_split=data.train_split,
                              test_split=data.test_split, image_size=data.image_size, seed=seed,
                              augment=data.augment, model_input=seen_as, streaming=data.streaming,
-                             max_bad_images=data.max_bad_images, unlabeled_split=unlabeled_split)
+                             max_bad_images=data.max_bad_images, unlabeled_split=unlabeled_split,
+                             unlabeled_dataset=unlabeled_dataset)
     return images.hold_out(holdout, seed) if holdout else images
 
 
@@ -95,7 +96,7 @@ def images_for(config, runtime: Runtime, model: tuple[str, dict] | None = None) 
     seen_as = model_input(*model) if model else None
     robust = getattr(config, "robust", None)  # --unlabeled-split: distillation's images the teacher labels
     images = load_data(config.data, config.training.seed, config.eval.holdout, seen_as,
-                       robust.unlabeled_split if robust else None)
+                       *((robust.unlabeled_split, robust.unlabeled_dataset) if robust else ()))
     check_l2_budgets(config, images.channels, images.image_size)
     return images
 
