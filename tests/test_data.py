@@ -88,13 +88,26 @@ def test_unlabeled_images_of_another_dataset_a_folder_of_images_none_of_them_a_t
     assert len(data.unlabeled) == 7 and data.unlabeled.column_names == ["image"]
     images, labels = next(iter(make_loader(data, "unlabeled", 7, augment=True)))
     assert images.shape == (7, 1, 28, 28) and labels.tolist() == [-1] * 7  # seen as the training images are
-    mnist.test[3]["image"].save(folder / "test.png")
+    mnist.test[3]["image"].save(folder / "leak.png")  # (a file named test.* would make a split of its own)
     with pytest.raises(RRMError, match="1 images of --unlabeled-dataset .* are also test images"):
         load_image_data(unlabeled_dataset=str(folder))
     with pytest.raises(RRMError, match="name a split of --unlabeled-dataset"):
         load_image_data(unlabeled_dataset=str(folder), unlabeled_split="rest")
     with pytest.raises(RRMError, match="no split 'unlabeled'.*fix --unlabeled-split"):
         load_image_data(unlabeled_dataset=str(folder), unlabeled_split="unlabeled")
+    (folder / "leak.png").write_bytes(b"\x89PNG broken")  # unreadable: skipped by the check, as by the loaders
+    assert len(load_image_data(unlabeled_dataset=str(folder)).unlabeled) == 8
+
+    # a dataset of other columns and splits: its image column renamed, its labels dropped
+    rows = datasets.Dataset.from_dict({"img": [mnist.train[i]["image"] for i in range(4)], "label": [9, 9, 9, 9]})
+    rows = rows.cast_column("img", datasets.Image())
+    datasets.DatasetDict({"a": rows, "b": rows}).save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(RRMError, match="has no train split: name one of its splits \\(a, b\\) with"):
+        load_image_data(unlabeled_dataset=str(tmp_path / "other"))
+    other = load_image_data(unlabeled_dataset=str(tmp_path / "other"), unlabeled_split="b").unlabeled
+    assert other.column_names == ["image"] and len(other) == 4
+    with pytest.raises(RRMError, match="'b\\[4:\\]' selects no images"):
+        load_image_data(unlabeled_dataset=str(tmp_path / "other"), unlabeled_split="b[4:]")
 
 
 def test_missing_columns_and_sources_are_one_line_errors(tmp_path):

@@ -293,6 +293,8 @@ def test_unlabeled_images_replace_a_share_of_the_batch_and_take_the_teachers_cla
     assert torch.allclose(maker(student, x)[:4].flatten(1)[:, 0], torch.tensor([0.3, 0.1, 0.1, 0.1]))
     with pytest.raises(RRMError, match="unlabeled-share"):
         UnlabeledInputs(pool, share=0)
+    with pytest.raises(RRMError, match="no unlabeled images to draw"):
+        UnlabeledInputs(iter([]), share=0.5)(student, x)
 
     # ARD attacks the unlabeled images against the teacher's classes, the labelled ones against their labels
     seen = {}
@@ -323,13 +325,13 @@ def test_unlabeled_images_replace_a_share_of_the_batch_and_take_the_teachers_cla
     config.method = "rslad"
     assert config.validate().caches_teacher() is False
     config.rrm.cache_teacher = True
-    with pytest.raises(RRMError, match="--unlabeled-split distills on images other than"):
+    with pytest.raises(RRMError, match=r"--unlabeled-split \(or --unlabeled-dataset\) distills on images other than"):
         config.validate()
     bad = run_here(["recipes/benchmark.py", "--unlabeled-split", "rest", "--quick"])
-    assert bad.returncode != 0 and "--unlabeled-split is for recipes/rrm.py" in bad.stderr
+    assert bad.returncode != 0 and "--unlabeled-dataset are for recipes/rrm.py" in bad.stderr
 
 
-def test_the_recipe_distills_on_unlabeled_images_and_resumes_their_draws(tmp_path):
+def test_the_recipe_distills_on_unlabeled_images_and_resumes_their_draws(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from .test_hub import _recipe
@@ -345,12 +347,16 @@ def test_the_recipe_distills_on_unlabeled_images_and_resumes_their_draws(tmp_pat
     # resumed after step 1, step 2 draws the images the whole run drew there (not step 1's again): same weights
     first = tmp_path / "adaad" / "checkpoints" / "step-00000001"
     assert load_file(first / "objective.safetensors")["unlabeled_used"].tolist() == [8]
+    capsys.readouterr()
     _recipe("rrm").main([*flags, "--output-dir", str(tmp_path / "resumed"), "--resume", str(first)])
+    assert f"resuming from {first} (step 1" in capsys.readouterr().out
     whole, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("adaad", "resumed"))
     assert all(torch.equal(whole[name], resumed[name]) for name in whole)
 
 
 def test_the_recipe_draws_unlabeled_images_from_another_dataset(tmp_path, mnist):
+    from safetensors.torch import load_file
+
     from .test_hub import _recipe
 
     folder = tmp_path / "photos"
@@ -360,7 +366,9 @@ def test_the_recipe_draws_unlabeled_images_from_another_dataset(tmp_path, mnist)
     metrics = _recipe("rrm").main([
         "--method", "rslad", "--train-split", "train[:64]", "--unlabeled-dataset", str(folder), "--student",
         "resnet18", "--student-kwargs", "layers=(1,1,1,1)", "channels=(8,8,8,8)", "--max-steps", "1",
-        "--batch-size", "32", "--epoch-eval-examples", "0", "--eval-examples", "16", "--sweep-examples", "0",
-        "--eval-steps", "2", "--no-checks", "--output-dir", str(tmp_path / "rslad")])
+        "--batch-size", "32", "--save-every", "1", "--epoch-eval-examples", "0", "--eval-examples", "16",
+        "--sweep-examples", "0", "--eval-steps", "2", "--no-checks", "--output-dir", str(tmp_path / "rslad")])
     assert metrics["unlabeled_images"] == {"dataset": str(folder), "split": None, "count": 12, "share": 0.5}
+    step = tmp_path / "rslad" / "checkpoints" / "step-00000001" / "objective.safetensors"
+    assert load_file(step)["unlabeled_used"].tolist() == [16]  # half of the batch of 32 was drawn from them
     assert f"12 images of **{folder}** whose labels were never read" in (tmp_path / "rslad" / "README.md").read_text()

@@ -156,27 +156,45 @@ def _unlabeled(loaded: datasets.DatasetDict, spec: str, train_split: str, test_s
 def _unlabeled_elsewhere(spec: str, split: str | None) -> tuple[datasets.Dataset, str]:
     """The images of split `split` (default: train, or the only split) of the dataset `spec` names
     (--unlabeled-dataset), any other column dropped, and the name of their column."""
+    flag = f"--unlabeled-dataset '{spec}'"
     loaded = load_splits(spec)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     if split == "rest":
-        raise RRMError(f"--unlabeled-split rest is the rest of --dataset's training split; name a split of "
-                       f"--unlabeled-dataset '{spec}' ({', '.join(loaded)}), or leave it out")
-    split = split or ("train" if "train" in loaded or len(loaded) > 1 else next(iter(loaded)))
-    rows = splits.pick(loaded, split, "--unlabeled-split")
-    column = find_image_column(rows)
+        raise RRMError(f"--unlabeled-split rest is the rest of --dataset's training split; name a split of {flag} "
+                       f"({', '.join(loaded)}), or leave it out")
+    if split is None and "train" not in loaded and len(loaded) > 1:
+        raise RRMError(f"{flag} has no train split: name one of its splits ({', '.join(loaded)}) with "
+                       "--unlabeled-split")
+    rows = splits.pick(loaded, split or ("train" if "train" in loaded else next(iter(loaded))), "--unlabeled-split")
+    column = next((name for name, kind in rows.features.items() if isinstance(kind, datasets.Image)), None)
+    if column is None:
+        raise RRMError(f"{flag} has no column of images (columns: {rows.column_names}); give a folder of images or a "
+                       "dataset with an Image column")
     return rows.select_columns([column]), column
+
+
+def _readable_hashes(rows: datasets.Dataset, column: str) -> np.ndarray:
+    """The pixel hashes (`provenance.pixel_hash`) of the images of `rows` that can be read (the loaders skip and
+    count the others)."""
+    from .provenance import pixel_hash
+
+    found = []
+    for row in raw(rows, column):
+        try:
+            found.append(pixel_hash(decode(row[column])))
+        except UNREADABLE:
+            continue
+    return np.asarray(found, dtype=np.int64)
 
 
 def _apart(rows: datasets.Dataset, column: str, test: datasets.Dataset, image_column: str, spec: str
            ) -> datasets.Dataset:
     """`rows` (images of another dataset) with their images in `image_column`, refused if one of them is a test
     image (pixel hashes: the same pixels in any file)."""
-    from .provenance import hashes
-
     if column != image_column:
         rows = rows.rename_column(column, image_column)
-    shared = np.intersect1d(hashes(rows, image_column), hashes(test, image_column))
+    shared = np.intersect1d(_readable_hashes(rows, image_column), _readable_hashes(test, image_column))
     if len(shared):
         raise RRMError(f"{len(shared)} images of --unlabeled-dataset '{spec}' are also test images of --dataset: the "
                        "student would learn from the images it is measured on; remove them or use another split")
@@ -218,7 +236,8 @@ def load_image_data(
         if name == EMBEDDED_MNIST:
             raise RRMError("--streaming reads a Hub dataset or data files: give --dataset")
         if unlabeled_split or unlabeled_dataset:
-            raise RRMError("--unlabeled-split reads images of a dataset on disk, not of a stream: drop --streaming")
+            raise RRMError("--unlabeled-split / --unlabeled-dataset read images of datasets on disk, not of a stream: "
+                           "drop --streaming")
         train, test, sample, length = open_stream(name, config, train_split, test_split, _TEST_SPLITS)
     else:
         loaded = load_splits(name, config)

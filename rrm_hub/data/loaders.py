@@ -136,8 +136,9 @@ class ShuffledPasses:
     and its augmentation drawn by (`seed`, pass) alone, so that the stream can start anywhere: `batches(start)`
     gives the pixel batches from the stream's `start`-th image on (the first batch cut to begin there) without
     reading the images before it, the images a stream read from 0 gives there. A resumed run draws what the stopped
-    one would have; exactly so where the augmentation is seeded per image (shifts and flips), while random crops
-    drawn by loader workers may differ."""
+    one would have: the same images in the same order, and the same views where the augmentation is seeded per
+    image (shifts and flips of small images); timm's random crops, drawn from the random state of the process or
+    worker that reads them, differ. Each pass starts a new DataLoader (its workers too)."""
 
     def __init__(self, loader: DataLoader, seed: int):
         self.loader, self.seed = loader, seed

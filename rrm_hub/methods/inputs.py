@@ -152,16 +152,26 @@ class MixedInputs(InputMaker):
 
 def stream_from(batches: Iterable, start: int) -> Iterator[torch.Tensor]:
     """The pixels of `batches` from its `start`-th image on, pass after pass: `batches.batches(start)` where it can
-    start anywhere (`rrm_hub.data.loaders.ShuffledPasses`), else a plain iterable of (pixels, labels) batches,
-    read over and over with the first `start` images skipped."""
+    start anywhere (`rrm_hub.data.loaders.ShuffledPasses`), else a plain iterable of (pixels, labels) batches (a
+    loader's dataset told each new pass, for its augmentation), read over and over with the first `start` images
+    skipped."""
     if hasattr(batches, "batches"):
         yield from batches.batches(start)
         return
+    passes = 0
     while True:
+        seen = 0
         for pixels, *_ in batches:
+            seen += len(pixels)
             cut, start = min(start, len(pixels)), start - min(start, len(pixels))
             if cut < len(pixels):
                 yield pixels[cut:]
+        if not seen:
+            raise RRMError("no unlabeled images to draw: the iterable of batches is empty or was used up (give a "
+                           "loader or a list, not a one-pass iterator)")
+        passes += 1
+        if hasattr(getattr(batches, "dataset", None), "set_epoch"):
+            batches.dataset.set_epoch(passes)
 
 
 class UnlabeledInputs(InputMaker):

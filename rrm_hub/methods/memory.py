@@ -63,7 +63,7 @@ class PerturbationMemory:
         if data.augment == "timm":
             return "random-resized crops move each image's frame"
         if data.unlabeled is not None:
-            return "the images drawn from --unlabeled-split are seen about once, with no perturbation to carry"
+            return "the unlabeled images drawn (--unlabeled-split) are seen about once, with no perturbation to carry"
         return cls.too_large(len(data.train), (data.channels, *data.image_size))
 
     @classmethod

@@ -135,7 +135,7 @@ class RobustDistillOptions:
         None, "take --unlabeled-split's images from this dataset instead of --dataset (Hub id, save_to_disk folder, "
         "IDX files, or a folder of images: no labels needed), its split --unlabeled-split names (default: train, or "
         "its only split); refused where one of them is a test image (pixel hashes, every image read once)")
-    unlabeled_share: float = setting(0.5, "the share of each step's distilled images drawn from --unlabeled-split",
+    unlabeled_share: float = setting(0.5, "the share of each step's distilled images drawn from the unlabeled ones",
                                      gt=0, le=1)
 
     @property

@@ -24,7 +24,7 @@ from .method import Cost, Method, Parts
 from .options import NOT_WITH_NFGSM, RRMOptions, matching_attack
 from .targets import TeacherTargets
 
-UNLABELED = "--unlabeled-split"
+UNLABELED = "--unlabeled-split (or --unlabeled-dataset)"
 UNCACHED = ("{kind} distills on images other than the training images, whose teacher outputs no cache of the "
             "training images holds: drop --cache-teacher")
 

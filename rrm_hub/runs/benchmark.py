@@ -81,8 +81,8 @@ class BenchmarkConfig(RunConfig):
 
     def check_rules(self) -> None:
         if self.robust.draws_unlabeled:
-            raise RRMError("the benchmark trains every method on the same labelled images; --unlabeled-split is for "
-                           "recipes/rrm.py and recipes/study.py")
+            raise RRMError("the benchmark trains every method on the same labelled images; --unlabeled-split and "
+                           "--unlabeled-dataset are for recipes/rrm.py and recipes/study.py")
         for method in self.methods:  # --cache-teacher serves the methods that can use it
             rrm = self.rrm if method in CACHEABLE else replace(self.rrm, cache_teacher=False)
             rrm.check_run(self.data, 0, method)
