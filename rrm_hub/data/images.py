@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
-import numpy as np
 
 from ..errors import RRMError
 from . import idx, splits
 from .sources import EMBEDDED_MNIST, load_splits
 from .streaming import open_stream
 from .transforms import SMALL_IMAGES, Augment, ModelInput, resolve_augment
+from .unlabeled import apart, unlabeled_images
 from .unreadable import UNREADABLE, UnreadableImages, decode, raw
 
 _IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
@@ -139,68 +139,6 @@ def _split(loaded: datasets.DatasetDict, train_split: str, test_split: str | Non
     return parts["train"], parts["test"]
 
 
-def _unlabeled(loaded: datasets.DatasetDict, spec: str, train_split: str, test_split: str | None
-               ) -> datasets.Dataset:
-    """The images of `--unlabeled-split` (`rest`: those of the training split that --train-split leaves out), never
-    the test images' split."""
-    flag = "--unlabeled-split"
-    if spec == "rest":
-        return splits.rest(loaded, train_split, flag)
-    name, test_name = splits.parse(spec, flag)[0], _test_name(loaded, train_split, test_split)
-    if name == test_name:
-        raise RRMError(f"{flag} '{spec}' reads '{name}', where the test images come from: the student would learn "
-                       "from the images it is measured on; name another split, or rest")
-    return splits.pick(loaded, spec, flag)
-
-
-def _unlabeled_elsewhere(spec: str, split: str | None) -> tuple[datasets.Dataset, str]:
-    """The images of split `split` (default: train, or the only split) of the dataset `spec` names
-    (--unlabeled-dataset), any other column dropped, and the name of their column."""
-    flag = f"--unlabeled-dataset '{spec}'"
-    loaded = load_splits(spec)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    if split == "rest":
-        raise RRMError(f"--unlabeled-split rest is the rest of --dataset's training split; name a split of {flag} "
-                       f"({', '.join(loaded)}), or leave it out")
-    if split is None and "train" not in loaded and len(loaded) > 1:
-        raise RRMError(f"{flag} has no train split: name one of its splits ({', '.join(loaded)}) with "
-                       "--unlabeled-split")
-    rows = splits.pick(loaded, split or ("train" if "train" in loaded else next(iter(loaded))), "--unlabeled-split")
-    column = next((name for name, kind in rows.features.items() if isinstance(kind, datasets.Image)), None)
-    if column is None:
-        raise RRMError(f"{flag} has no column of images (columns: {rows.column_names}); give a folder of images or a "
-                       "dataset with an Image column")
-    return rows.select_columns([column]), column
-
-
-def _readable_hashes(rows: datasets.Dataset, column: str) -> np.ndarray:
-    """The pixel hashes (`provenance.pixel_hash`) of the images of `rows` that can be read (the loaders skip and
-    count the others)."""
-    from .provenance import pixel_hash
-
-    found = []
-    for row in raw(rows, column):
-        try:
-            found.append(pixel_hash(decode(row[column])))
-        except UNREADABLE:
-            continue
-    return np.asarray(found, dtype=np.int64)
-
-
-def _apart(rows: datasets.Dataset, column: str, test: datasets.Dataset, image_column: str, spec: str
-           ) -> datasets.Dataset:
-    """`rows` (images of another dataset) with their images in `image_column`, refused if one of them is a test
-    image (pixel hashes: the same pixels in any file)."""
-    if column != image_column:
-        rows = rows.rename_column(column, image_column)
-    shared = np.intersect1d(_readable_hashes(rows, image_column), _readable_hashes(test, image_column))
-    if len(shared):
-        raise RRMError(f"{len(shared)} images of --unlabeled-dataset '{spec}' are also test images of --dataset: the "
-                       "student would learn from the images it is measured on; remove them or use another split")
-    return rows
-
-
 def load_image_data(
     spec: str | None = None,
     *,
@@ -245,10 +183,8 @@ def load_image_data(
             loaded = datasets.DatasetDict({"train": loaded})
         train, test = _split(loaded, train_split, test_split, seed)
         sample = train
-        if unlabeled_dataset:
-            unlabeled, unlabeled_column = _unlabeled_elsewhere(unlabeled_dataset, unlabeled_split)
-        elif unlabeled_split:
-            unlabeled = _unlabeled(loaded, unlabeled_split, train_split, test_split)
+        unlabeled = unlabeled_images(loaded, train_split, _test_name(loaded, train_split, test_split),
+                                     unlabeled_split, unlabeled_dataset)
     if len(sample) == 0 or len(test) == 0:
         raise RRMError(f"dataset '{name}' has an empty train or test split; check --train-split / --test-split")
     image_column = find_image_column(sample, image_column)
@@ -268,7 +204,7 @@ def load_image_data(
     if not isinstance(sample.features[image_column], datasets.Image):
         raise RRMError(f"column '{image_column}' does not hold images; name the image column with --image-column")
     if unlabeled_dataset:
-        unlabeled = _apart(unlabeled, unlabeled_column, test, image_column, unlabeled_dataset)
+        unlabeled = apart(unlabeled, test, image_column, unlabeled_dataset)
     readable = _readable(sample, image_column)
     if not readable:
         raise RRMError(f"none of the first {min(len(sample), SAMPLE)} images of '{name}' can be read; check the "
