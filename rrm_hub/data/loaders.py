@@ -146,9 +146,13 @@ class ShuffledPasses:
     def __len__(self) -> int:
         return len(self.loader.dataset)
 
+    def generator(self, epoch: int) -> torch.Generator:
+        """The random numbers of pass `epoch`: its order, and its loader workers' seeds."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
     def order(self, epoch: int) -> list[list[int]]:
         """The batches of image indices of pass `epoch`."""
-        shuffle = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        shuffle = self.generator(epoch)
         return [chunk.tolist() for chunk in torch.randperm(len(self), generator=shuffle).split(self.loader.batch_size)]
 
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
@@ -161,7 +165,7 @@ class ShuffledPasses:
             # the workers' seeds come from the pass too, not from the run's random state
             passing = DataLoader(dataset, batch_sampler=self.order(epoch)[skip:],
                                  num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory,
-                                 generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+                                 generator=self.generator(epoch))
             for pixels, *_ in passing:
                 yield pixels[cut:]
                 cut = 0

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 
 from ..errors import RRMError
+from .unreadable import UNREADABLE, decode, raw
 
 HASHES_FILE = "train_hashes.safetensors"
 """The training images' pixel hashes, beside a model that `--disjoint-from` built (`save_hashes`)."""
@@ -26,6 +27,17 @@ def pixel_hash(image) -> int:
 def hashes(rows: datasets.Dataset, column: str) -> np.ndarray:
     """The pixel hashes of every image in one column of `rows` (int64, in the rows' order)."""
     return np.fromiter((pixel_hash(row[column]) for row in rows), dtype=np.int64, count=len(rows))
+
+
+def readable_hashes(rows: datasets.Dataset, column: str) -> np.ndarray:
+    """`hashes`, of the images of `rows` that can be read only (the loaders skip and count the others)."""
+    found = []
+    for row in raw(rows, column):
+        try:
+            found.append(pixel_hash(decode(row[column])))
+        except UNREADABLE:
+            continue
+    return np.asarray(found, dtype=np.int64)
 
 
 def dataset_hashes(spec: str, config: str | None = None) -> dict[str, np.ndarray]:

@@ -9,9 +9,8 @@ import numpy as np
 
 from ..errors import RRMError
 from . import splits
-from .provenance import pixel_hash
+from .provenance import readable_hashes
 from .sources import load_splits
-from .unreadable import UNREADABLE, decode, raw
 
 
 def unlabeled_images(loaded: datasets.DatasetDict, train_split: str, test_name: str, split: str | None,
@@ -58,19 +57,9 @@ def apart(rows: datasets.Dataset, test: datasets.Dataset, image_column: str, spe
     is a test image (pixel hashes: the same pixels in any file)."""
     if rows.column_names != [image_column]:
         rows = rows.rename_column(rows.column_names[0], image_column)
-    shared = np.intersect1d(_readable_hashes(rows, image_column), _readable_hashes(test, image_column))
+    shared = np.intersect1d(readable_hashes(rows, image_column), readable_hashes(test, image_column))
     if len(shared):
         raise RRMError(f"{len(shared)} images of --unlabeled-dataset '{spec}' are also test images of --dataset: the "
                        "student would learn from the images it is measured on; remove them or use another split")
     return rows
 
-
-def _readable_hashes(rows: datasets.Dataset, column: str) -> np.ndarray:
-    """The pixel hashes of the images of `rows` that can be read (the loaders skip and count the others)."""
-    found = []
-    for row in raw(rows, column):
-        try:
-            found.append(pixel_hash(decode(row[column])))
-        except UNREADABLE:
-            continue
-    return np.asarray(found, dtype=np.int64)
