@@ -5,7 +5,8 @@
 For each method (natural, PGD-AT, fast-AT, N-FGSM-AT, ATTA-AT, free-AT, KD, RRM) trains the same student
 (default: a small CNN; --student picks another), checks robust accuracy (PGD-10) after every epoch against the training
 seconds spent so far, and writes to --output-dir: benchmark.json (stable keys:
-methods.<name>.seconds_per_step, .time_to_target_seconds, .robust_accuracy, .clean_accuracy, ...),
+methods.<name>.seconds_per_step, .time_to_target_seconds, .robust_accuracy, .clean_accuracy, ...;
+teacher_forward_over_student_forward: a teacher forward's seconds over the student's, on a training batch),
 benchmark.md (a table) and benchmark.png (robust accuracy versus wall-clock seconds).
 Time-to-target: seconds until a method's per-epoch check first reaches --target (default: --target-fraction of
 PGD-AT's final robust accuracy). Each finished method's result is kept in OUTPUT_DIR/methods/: a stopped benchmark,
@@ -40,18 +41,18 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = builders.make_accelerator(config.training)
     output_dir = output_folder(config)
 
-    results, images = run_benchmark(config, accelerator)  # each method trains a fresh student, then is measured
+    results, images, teacher_ratio = run_benchmark(config, accelerator)  # each method trains a fresh student
     target = summarize(results, config.target, config.target_fraction, images.num_classes)
-    summary = report(results, config, target, cli.command("benchmark.py", config), images.name)
+    summary = report(results, config, target, cli.command("benchmark.py", config), images.name, teacher_ratio)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_json(summary, output_dir / "benchmark.json")
-        (output_dir / "benchmark.md").write_text(markdown_table(results, config, target))
+        (output_dir / "benchmark.md").write_text(markdown_table(results, config, target, teacher_ratio))
         plot_curves({m: r["curve"] for m, r in results.items()}, output_dir / "benchmark.png", x="seconds",
                     y="robust", xlabel="training seconds", target=target,
                     ylabel=f"PGD-10 accuracy (%), {config.eval.norm} eps {config.eval.eps:g}")
         cli.save(config, output_dir, "benchmark.py")
-    accelerator.print(markdown_table(results, config, target))
+    accelerator.print(markdown_table(results, config, target, teacher_ratio))
     for key, value in summary["ratios"].items():
         accelerator.print(f"{key}: {value}")
     return summary

@@ -57,6 +57,9 @@ def test_benchmark_recipe_writes_stable_keys(tmp_path):
     assert cached["total_seconds"] >= cached["cache_build_seconds"] and reference["steps"] == cached["steps"] == 2
     assert saved["ratios"]["rrm_cached_step_over_natural_step"] == cached["step_cost_vs_natural"]
     assert "| rrm |" in (tmp_path / "benchmark.md").read_text() and (tmp_path / "benchmark.png").exists()
+    teacher_ratio = saved["teacher_forward_over_student_forward"]  # measured on this machine: a value, not a bound
+    table = (tmp_path / "benchmark.md").read_text()
+    assert teacher_ratio > 0 and f"costs {teacher_ratio:.2f} of the student's" in table
 
 
 @pytest.mark.slow

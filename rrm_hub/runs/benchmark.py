@@ -31,7 +31,7 @@ from ..errors import RRMError
 from ..evaluation.evaluate import evaluate
 from ..hub.cards import hardware, save_json
 from ..methods.memory import PerturbationMemory
-from ..methods.registry import cacheable, make_objective, names
+from ..methods.registry import cacheable, forward_ratio, make_objective, names
 from ..models.features import default_layer, feature_width
 from ..models.student import RRMStudent
 from ..settings import section, setting
@@ -107,13 +107,16 @@ def unaugmented_reference(results: dict) -> str:
     return REFERENCE if REFERENCE in results else "natural"
 
 
-def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData]:
-    """Train and measure every method of `config` (resolved); returns {method: result} and the data."""
+def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData, float]:
+    """Train and measure every method of `config` (resolved); returns {method: result}, the data, and a teacher
+    forward's seconds over a student forward's on a training batch (`forward_ratio`, measured first)."""
     images = builders.load_data(config.data, config.training.seed, config.eval.holdout)
     teacher = config.teacher.load(accelerator.device)
     teacher_layer = default_layer(teacher.network)
     sample = torch.zeros(2, images.channels, *images.image_size, device=accelerator.device)
     feature_dim = feature_width(teacher, teacher.network, teacher_layer, sample)
+    batch = torch.rand(config.training.batch_size, *sample.shape[1:], device=accelerator.device)
+    teacher_ratio = forward_ratio(teacher, fresh_student(config, images, feature_dim).to(accelerator.device), batch)
     methods = list(config.methods)
     augmented = config.data.pad or config.data.hflip
     if "rrm_cached" in methods and augmented and REFERENCE not in methods:  # just before it
@@ -137,7 +140,7 @@ def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData
         if accelerator.is_main_process:
             record.parent.mkdir(parents=True, exist_ok=True)
             save_json({"settings": settings_now, "result": results[method]}, record)
-    return results, images
+    return results, images, teacher_ratio
 
 
 def output_folder(config: BenchmarkConfig) -> Path:
@@ -168,14 +171,19 @@ def finished(record: Path, settings_now: dict) -> dict | None:
     return saved.get("result")
 
 
+def fresh_student(config: BenchmarkConfig, images: ImageData, feature_dim: int) -> RRMStudent:
+    """The benchmark's student as every method starts it (the training seed's initial weights)."""
+    torch.manual_seed(config.training.seed)
+    name, student_args = config.student.spec()
+    return RRMStudent.for_teacher(name, feature_dim=feature_dim, num_classes=images.num_classes,
+                                  model_args=student_args, input_size=(images.channels, *images.image_size))
+
+
 def run_method(method: str, config: BenchmarkConfig, images, teacher, teacher_layer, feature_dim, accelerator,
                cache: TeacherCache | None = None, cache_seconds: float = 0.0) -> dict:
     """Train a fresh student with `method` and measure it (`cache_seconds`: the cache's build, counted in
     total seconds and the curve)."""
-    torch.manual_seed(config.training.seed)
-    name, student_args = config.student.spec()
-    student = RRMStudent.for_teacher(name, feature_dim=feature_dim, num_classes=images.num_classes,
-                                     model_args=student_args, input_size=(images.channels, *images.image_size))
+    student = fresh_student(config, images, feature_dim)
     trained_by = "natural" if method == REFERENCE else method
     memory = PerturbationMemory.for_training_images(images) if config.rrm.carries(trained_by) else None
     objective = make_objective(trained_by, eps=config.eval.eps,
@@ -227,11 +235,12 @@ def summarize(results: dict, target: float | None, target_fraction: float, num_c
     return target
 
 
-def report(results: dict, config: BenchmarkConfig, target: float | None, command: str, dataset: str) -> dict:
+def report(results: dict, config: BenchmarkConfig, target: float | None, command: str, dataset: str,
+           teacher_ratio: float) -> dict:
     """benchmark.json: the settings, the ratios the project's targets are stated in, and every method's numbers."""
     return {"command": command, "hardware": hardware(), "eps": config.eval.eps, "norm": config.eval.norm,
             "student": config.student.spec(), "dataset": dataset, "target": target, "ratios": ratios(results),
-            "methods": results}
+            "teacher_forward_over_student_forward": round(teacher_ratio, 3), "methods": results}
 
 
 def ratios(results: dict) -> dict:
@@ -252,7 +261,7 @@ def ratios(results: dict) -> dict:
     }
 
 
-def markdown_table(results: dict, config: BenchmarkConfig, target: float | None) -> str:
+def markdown_table(results: dict, config: BenchmarkConfig, target: float | None, teacher_ratio: float) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -271,6 +280,7 @@ def markdown_table(results: dict, config: BenchmarkConfig, target: float | None)
             seconds = results[method]["cache_build_seconds"]
             lines.append(f"\n{method}: the teacher's outputs cached (built in {seconds:.1f}s, counted in its total "
                          "and its time to target).")
+    lines.append(f"\nThe teacher's forward costs {teacher_ratio:.2f} of the student's (seconds, on a training batch).")
     if "rrm_cached" in results:
         reference = unaugmented_reference(results)
         lines.append(f"\nrrm_cached: clean matching with the teacher's outputs cached (built in "
