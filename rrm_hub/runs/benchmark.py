@@ -116,7 +116,7 @@ def run_benchmark(config: BenchmarkConfig, accelerator) -> tuple[dict, ImageData
     sample = torch.zeros(2, images.channels, *images.image_size, device=accelerator.device)
     feature_dim = feature_width(teacher, teacher.network, teacher_layer, sample)
     batch = torch.rand(config.training.batch_size, *sample.shape[1:], device=accelerator.device)
-    # rounded once, here, so benchmark.json and the table agree (2.01496: 2.015 -> '2.02', not '2.01')
+    # rounded once, here, so benchmark.json and the table agree (e.g. 2.0149 -> 2.015, printed '2.02', not '2.01')
     teacher_ratio = round(forward_ratio(teacher, fresh_student(config, images, feature_dim).to(accelerator.device),
                                         batch), 3)
     methods = list(config.methods)
